@@ -1,0 +1,212 @@
+"""HF-format checkpoint folders: `config.json` + `model.safetensors` (or shards + index), HF tensor names.
+
+The model fuses q/k/v and gate/up projections; `hf_to_llmlab` and `llmlab_to_hf` are the one place that maps
+between its names and the names on disk. Folders are written to a temporary sibling and renamed into place,
+so an interrupted save never leaves a half-written checkpoint where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from llmlab.config import ModelConfig
+from llmlab.errors import LLMLabError
+from llmlab.model import LLaMA
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+_GATE_UP = ("gate_proj", "up_proj")
+
+
+# -- name mapping ------------------------------------------------------------------------------------
+def hf_to_llmlab(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """HF `LlamaForCausalLM` tensor names -> this model's (fuses q/k/v into qkv_proj, gate/up into gate_up_proj)."""
+    out: dict[str, Tensor] = {}
+    fused: dict[str, dict[str, Tensor]] = {}
+    for name, t in sd.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # older HF checkpoints saved this buffer
+        parts = name.rsplit(".", 2)  # prefix, proj, weight|bias
+        if len(parts) == 3 and parts[1] in _QKV + _GATE_UP:
+            target = "qkv_proj" if parts[1] in _QKV else "gate_up_proj"
+            fused.setdefault(f"{parts[0]}.{target}.{parts[2]}", {})[parts[1]] = t
+        else:
+            out[name] = t
+    for name, pieces in fused.items():
+        order = _QKV if ".qkv_proj." in name else _GATE_UP
+        missing = [p for p in order if p not in pieces]
+        if missing:
+            prefix = name.rsplit(".", 2)[0]
+            raise LLMLabError(f"checkpoint is missing tensors {[f'{prefix}.{p}' for p in missing]}")
+        out[name] = torch.cat([pieces[p] for p in order], dim=0)
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def llmlab_to_hf(sd: dict[str, Tensor], config: ModelConfig) -> dict[str, Tensor]:
+    """This model's tensor names -> HF names (splits the fused projections; drops a tied lm_head)."""
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    out: dict[str, Tensor] = {}
+    for name, t in sd.items():
+        prefix, _, leaf = name.rpartition(".")
+        if prefix.endswith(".qkv_proj"):
+            base = prefix[: -len("qkv_proj")]
+            for proj, piece in zip(_QKV, t.split([q, kv, kv], dim=0)):
+                out[f"{base}{proj}.{leaf}"] = piece
+        elif prefix.endswith(".gate_up_proj"):
+            base = prefix[: -len("gate_up_proj")]
+            for proj, piece in zip(_GATE_UP, t.chunk(2, dim=0)):
+                out[f"{base}{proj}.{leaf}"] = piece
+        else:
+            out[name] = t
+    if config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+# -- reading -----------------------------------------------------------------------------------------
+def _weight_files(folder: Path) -> list[Path]:
+    single = folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LLMLabError(f"{index}: not a valid safetensors index (expected a 'weight_map' object): {e}") from e
+        files = [folder / f for f in sorted(set(weight_map.values()))]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise LLMLabError(f"{index} lists shard files that are missing: {missing}")
+        return files
+    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")) or any(folder.glob("*.pth")):
+        raise LLMLabError(f"{folder}: only pickle weights (.bin/.pt) found; llmlab loads safetensors only "
+                          "(convert them with transformers' `save_pretrained(safe_serialization=True)`)")
+    raise LLMLabError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_safetensors(folder: str | Path) -> dict[str, Tensor]:
+    """All tensors of a checkpoint folder (memory-mapped by safetensors), with HF names."""
+    sd: dict[str, Tensor] = {}
+    for f in _weight_files(Path(folder)):
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for k in fh.keys():
+                    sd[k] = fh.get_tensor(k)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise LLMLabError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+    return sd
+
+
+def load_config(folder: str | Path) -> ModelConfig:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LLMLabError(f"checkpoint folder not found: {folder}")
+    path = folder / "config.json"
+    if not path.is_file():
+        raise LLMLabError(f"{folder}: no config.json (expected an HF-format checkpoint folder)")
+    return ModelConfig.from_file(path)
+
+
+def load_into(model: LLaMA, hf_sd: dict[str, Tensor], source: str, dtype: torch.dtype | None = None) -> LLaMA:
+    """Load HF-named tensors into `model` (which may live on the meta device), checking every name and shape."""
+    config = model.config
+    sd = hf_to_llmlab(hf_sd, config)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    if missing or unexpected:
+        raise LLMLabError(f"{source}: tensors do not match the config: missing {missing[:5]}"
+                          f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                          f"{'...' if len(unexpected) > 5 else ''}")
+    for k, ref in expected.items():
+        if tuple(sd[k].shape) != tuple(ref.shape):
+            raise LLMLabError(f"{source}: tensor '{k}' has shape {tuple(sd[k].shape)} but the config implies "
+                              f"{tuple(ref.shape)} (does config.json match the weights?)")
+        if dtype is not None:
+            sd[k] = sd[k].to(dtype)
+    if config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    model.load_state_dict(sd, strict=True, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = None) -> LLaMA:
+    """Build the model of an HF-format folder on the meta device and assign its weights (no double allocation)."""
+    folder = Path(folder)
+    config = load_config(folder)
+    hf_sd = load_safetensors(folder)
+    with torch.device("meta"):
+        model = LLaMA(config)
+    load_into(model, hf_sd, str(folder), dtype)
+    return model.to(device).eval()
+
+
+# -- writing -----------------------------------------------------------------------------------------
+@contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `target` in one rename, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def generation_config(config: ModelConfig, **overrides: Any) -> dict[str, Any]:
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id, **overrides}
+
+
+def save_checkpoint(model: LLaMA, folder: str | Path, tokenizer: Any = None, dtype: torch.dtype | None = None,
+                    generation: dict[str, Any] | None = None,
+                    extra_files: Callable[[Path], None] | None = None) -> Path:
+    """Write an HF-format folder atomically: config.json, model.safetensors, generation_config.json, tokenizer."""
+    config = model.config
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    hf_sd = llmlab_to_hf(sd, config)
+    hf_sd = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in hf_sd.items()}
+    with atomic_folder(folder) as tmp:
+        save_file(hf_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        out_config = config.to_hf_dict()
+        out_config["torch_dtype"] = str(next(iter(hf_sd.values())).dtype).removeprefix("torch.")
+        write_json(tmp / "config.json", out_config)
+        write_json(tmp / "generation_config.json", generation or generation_config(config))
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
+    return Path(folder)

@@ -1,0 +1,252 @@
+"""The LLaMA transformer in plain PyTorch.
+
+Design choices (Touvron et al. 2023 and its descendants):
+- pre-norm: RMSNorm before attention and before the MLP, residual stream kept in the model dtype;
+- SwiGLU MLP: down(silu(gate(x)) * up(x)), with gate and up fused into one `gate_up_proj` matmul;
+- rotary position embeddings (RoPE) in HF's rotate-half layout, with optional `linear` or `llama3` scaling;
+- grouped-query attention (n_kv_heads <= n_heads) through `scaled_dot_product_attention`,
+  with q, k and v fused into one `qkv_proj` matmul;
+- optional tied input/output embeddings;
+- a preallocated (static) KV cache for decoding, so decode steps have fixed shapes.
+
+Module names follow HF's `LlamaForCausalLM` except for the two fused projections;
+`llmlab.checkpoint` maps names at load/save time so files on disk keep HF names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from llmlab.config import ModelConfig
+
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back (as HF does)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> Tensor:
+    """Per-pair rotation frequencies, with the config's rope scaling applied."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / scaling["factor"]
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables for the given positions: (B, T) -> two (B, 1, T, head_dim) tensors."""
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+    return emb.cos().to(dtype)[:, None], emb.sin().to(dtype)[:, None]
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x_i, x_{i+d/2}) of x: (B, n_head, T, head_dim) by the angles in cos/sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for `max_seq_len` positions: (B, n_kv_heads, max_seq_len, head_dim)."""
+
+    def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, head_dim) at slots `input_pos` (T,) and return the whole cache."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q_size, kv_size = self.n_head * self.head_dim, self.n_kv * self.head_dim
+        self.split_sizes = [q_size, kv_size, kv_size]
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq_len, head_dim)
+        if self.n_kv != self.n_head and not _SDPA_HAS_GQA:
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
+        gqa = {"enable_gqa": True} if self.n_kv != self.n_head and _SDPA_HAS_GQA else {}
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * head_dim)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, the stack of blocks and the final norm (HF's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LLaMA(nn.Module):
+    """Decoder-only LLaMA language model: token ids (B, T) -> next-token logits (B, T, vocab)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # A plain tensor, not a buffer: `model.to(bfloat16)` must not round the RoPE frequencies.
+        self.inv_freq = rope_inv_freq(config, device="cpu")
+        self.gradient_checkpointing = False
+        self.max_cache_len = 0
+
+    # -- weights ---------------------------------------------------------------------------------
+    def init_weights(self, std: float | None = None) -> None:
+        """Random init for pretraining: N(0, 0.02) for matrices, residual outputs scaled by 1/sqrt(2 * layers)."""
+        std = self.config.initializer_range if std is None else std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif p.dim() == 1:  # biases
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                nn.init.normal_(p, std=std)
+
+    # -- KV cache --------------------------------------------------------------------------------
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a static KV cache for `max_seq_len` positions in every attention layer."""
+        if max_seq_len > self.config.max_position_embeddings:
+            from llmlab.errors import LLMLabError
+
+            raise LLMLabError(f"a cache of {max_seq_len} positions exceeds the model's context of "
+                              f"{self.config.max_position_embeddings} (max_position_embeddings)")
+        w = self.model.embed_tokens.weight
+        dtype = dtype or w.dtype
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv, attn.head_dim, dtype, w.device)
+        self.max_cache_len = max_seq_len
+
+    def clear_cache(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+        self.max_cache_len = 0
+
+    # -- forward ---------------------------------------------------------------------------------
+    def forward(self, idx: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,
+                mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits for token ids `idx` (B, T).
+
+        Without a cache: causal attention over `idx` (positions 0..T-1 unless `position_ids` is given).
+        With a cache (`setup_cache`): `input_pos` (T,) are the cache slots written; queries attend to every
+        earlier slot unless `mask` (B, 1, T, max_seq_len; True = attend) says otherwise.
+        `mask` may also be given without a cache: (B, 1, T, T).
+        `last_only` returns only the last position's logits, (B, 1, vocab), for generation.
+        """
+        B, T = idx.shape
+        x = self.model.embed_tokens(idx)  # (B, T, hidden)
+        if self.inv_freq.device != idx.device:
+            self.inv_freq = self.inv_freq.to(idx.device)
+        if position_ids is None:
+            pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+            position_ids = pos[None].expand(B, T)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
+        if self.max_cache_len:
+            if input_pos is None:
+                raise ValueError("a KV cache is set up: pass input_pos, the cache slots of idx")
+            if mask is None:
+                slots = torch.arange(self.max_cache_len, device=idx.device)
+                mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, max_seq_len)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, input_pos)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.model.norm(x))  # (B, T, vocab)
+
+
+def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                init: bool = True) -> LLaMA:
+    """A model with random weights (`init=True`) or with uninitialised storage to be overwritten by a load."""
+    with torch.device(device):
+        model = LLaMA(config)
+    if init and device != "meta":
+        model.init_weights()
+    return model.to(dtype)
