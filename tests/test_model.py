@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from llmlab.checkpoint import hf_to_llmlab
+from llmlab.config import ModelConfig
+from llmlab.model import LLaMA, build_model
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 16}
+CASES = {
+    "gqa-untied": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "mha-tied": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "mqa-linear-rope": dict(num_attention_heads=4, num_key_value_heads=1, rope_scaling={"rope_type": "linear",
+                                                                                        "factor": 4.0}),
+    "gqa-llama3-rope-headdim": dict(num_attention_heads=4, num_key_value_heads=2, head_dim=24, rope_scaling=LLAMA3,
+                                    tie_word_embeddings=True),
+}
+
+
+def hf_pair(seed: int, **kw):
+    """A random HF LlamaForCausalLM and our model with the same weights (copied through the name mapping)."""
+    torch.manual_seed(seed)
+    hf_config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                                         max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500.0, **kw)
+    hf = transformers.LlamaForCausalLM(hf_config).eval()
+    ours_config = ModelConfig.from_hf_dict(hf_config.to_dict())
+    ours = build_model(ours_config, device="meta")
+    sd = hf_to_llmlab(hf.state_dict(), ours_config)
+    if ours_config.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    ours.load_state_dict(sd, assign=True)
+    if ours_config.tie_word_embeddings:
+        ours.lm_head.weight = ours.model.embed_tokens.weight
+    return hf, ours.eval()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_match_hf(case):
+    hf, ours = hf_pair(0, **CASES[case])
+    idx = torch.randint(0, 97, (2, 40))  # longer than llama3's original context of 16: scaling matters
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), hf(idx).logits, atol=1e-4, rtol=0)
+
+
+def test_rope_scaling_changes_logits():
+    """Guards the parity test against a scaling that is silently ignored."""
+    _, scaled = hf_pair(0, **CASES["mqa-linear-rope"])
+    _, plain = hf_pair(0, **{**CASES["mqa-linear-rope"], "rope_scaling": None})
+    idx = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        assert (scaled(idx) - plain(idx)).abs().max() > 1e-3
+
+
+def test_left_padded_batch_matches_hf_with_attention_mask():
+    hf, ours = hf_pair(1, **CASES["gqa-untied"])
+    idx = torch.randint(3, 97, (2, 12))
+    attn = torch.ones(2, 12, dtype=torch.long)
+    attn[1, :5] = 0  # row 1 is left-padded by 5
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)
+    keep = attn.bool()[:, None, None, :] & torch.ones(12, 12, dtype=torch.bool).tril()[None, None]
+    keep |= torch.eye(12, dtype=torch.bool)[None, None]  # pad queries see themselves: no NaN rows
+    with torch.no_grad():
+        ref = hf(idx, attention_mask=attn, position_ids=position_ids).logits
+        out = ours(idx, position_ids=position_ids, mask=keep)
+    torch.testing.assert_close(out[attn.bool()], ref[attn.bool()], atol=1e-4, rtol=0)
+    assert torch.isfinite(out).all()
+
+
+def test_kv_cache_decode_equals_full_forward():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    idx = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        full = model(idx)
+        model.setup_cache(batch_size=2, max_seq_len=32)
+        steps = [model(idx[:, :16], input_pos=torch.arange(16))]
+        for t in range(16, 24):
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])))
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_last_only_and_cache_errors():
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    idx = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx, last_only=True), model(idx)[:, -1:])
+    from llmlab.errors import LLMLabError
+
+    with pytest.raises(LLMLabError, match="exceeds the model's context of 128"):
+        model.setup_cache(1, 129)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny"))
+    idx = torch.randint(0, 256, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(idx).logsumexp(-1).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bf16_keeps_rope_frequencies_in_fp32():
+    model = build_model(ModelConfig.from_name("tiny"), dtype=torch.bfloat16)
+    assert model.inv_freq.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    out = model(torch.randint(0, 256, (1, 8)))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def test_tied_embeddings_share_storage():
+    model = build_model(ModelConfig.from_name("tiny-mha"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == model.config.num_params()
+
+
+def test_meta_construction_allocates_nothing():
+    with torch.device("meta"):
+        model = LLaMA(ModelConfig.from_name("llama-7b"))
+    assert all(p.is_meta for p in model.parameters())
