@@ -76,8 +76,9 @@ def test_kv_cache_decode_equals_full_forward():
         full = model(idx)
         model.setup_cache(batch_size=2, max_seq_len=32)
         steps = [model(idx[:, :16], input_pos=torch.arange(16))]
-        for t in range(16, 24):
-            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t])))
+        for t in range(16, 24):  # alternate full-cache attention and attention over the filled slots only
+            kv_len = t + 1 if t % 2 else None
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), kv_len=kv_len))
         model.clear_cache()
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 

@@ -103,7 +103,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
+                kv_len: int | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
@@ -112,6 +113,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq_len, head_dim)
+            if kv_len is not None:  # only the filled slots: less work on CPU, at the price of changing shapes
+                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
         if self.n_kv != self.n_head and not _SDPA_HAS_GQA:
             k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
             v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
@@ -143,8 +146,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
+                kv_len: int | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -209,7 +213,7 @@ class LLaMA(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,
-                mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+                mask: Tensor | None = None, last_only: bool = False, kv_len: int | None = None) -> Tensor:
         """Logits for token ids `idx` (B, T).
 
         Without a cache: causal attention over `idx` (positions 0..T-1 unless `position_ids` is given).
@@ -217,6 +221,8 @@ class LLaMA(nn.Module):
         earlier slot unless `mask` (B, 1, T, max_seq_len; True = attend) says otherwise.
         `mask` may also be given without a cache: (B, 1, T, T).
         `last_only` returns only the last position's logits, (B, 1, vocab), for generation.
+        `kv_len` (with a cache): attend only to slots [0, kv_len), which must cover every slot a query may see;
+        eager CPU decoding is faster with it, compiled decoding wants the fixed shapes of leaving it None.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, hidden)
@@ -232,11 +238,13 @@ class LLaMA(nn.Module):
             if mask is None:
                 slots = torch.arange(self.max_cache_len, device=idx.device)
                 mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, max_seq_len)
+            if kv_len is not None:
+                mask = mask[..., :kv_len]
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos)
+                x = layer(x, cos, sin, mask, input_pos, kv_len)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))  # (B, T, vocab)
