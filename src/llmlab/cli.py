@@ -13,7 +13,7 @@ from pathlib import Path
 from llmlab.errors import LLMLabError
 
 
-def download(name: str = "smollm2-135m-instruct", out: Path | None = None, dtype: str = "float32") -> Path:
+def download(name: str, out: Path | None = None, dtype: str = "float32") -> Path:
     """Fetch a model into an HF-format checkpoint folder.
 
     Args:

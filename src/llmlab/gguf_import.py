@@ -1,0 +1,411 @@
+"""Import GGUF files (llama.cpp's format) of architecture `llama` into llmlab's HF-format checkpoints.
+
+A GGUF holds the model config and the tokenizer as metadata and the weights as (often quantized) tensors under
+llama.cpp's names. Importing means: read the config from the metadata, dequantize every tensor with the `gguf`
+package's own dequantizer, rename it to HF's name, undo the row permutation llama.cpp's converter applies to the
+query/key projections, and rebuild an HF `tokenizers` tokenizer from the vocabulary. The result is an ordinary
+float checkpoint folder: quantization is not kept, only its values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from llmlab.config import ModelConfig
+from llmlab.errors import LLMLabError
+from llmlab.tokenizer import Tokenizer
+
+IMPORTER_VERSION = 1  # bump when the import changes what it writes, so cached imports get rebuilt
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Tensor types imported. All are dequantized by `gguf.quants.dequantize`; others (IQ*, TQ*, ...) are refused.
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+
+# llama.cpp block tensor name -> HF module path inside `model.layers.N.`
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Pre-tokenizer split patterns by `tokenizer.ggml.pre`, for the names transformers' GGUF loader knows; any other
+# name keeps GPT-2's byte-level pattern, as transformers does.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN35_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_TEKKEN_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*"
+                 r"|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+_GPT4O_SPLIT = (rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}"
+                rf"|[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}"
+                r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+                     "jina-v5-nano", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    "qwen35": _QWEN35_SPLIT,
+    "tekken": _TEKKEN_SPLIT,
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+}
+
+# tokenizer.ggml.token_type values
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype called `name` (float32, bfloat16 or float16)."""
+    if name not in DTYPES:
+        raise LLMLabError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# -- reading the file ----------------------------------------------------------------------------------
+def open_gguf(path: str | Path) -> Any:
+    """A `gguf.GGUFReader` over `path`, with a clear error for a missing, non-GGUF or truncated file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise LLMLabError(f"GGUF file not found: {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise LLMLabError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        return GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError, UnicodeDecodeError, OSError) as e:
+        raise LLMLabError(f"{path}: cannot read GGUF file (truncated or corrupt?): {e}") from e
+
+
+def _meta(reader: Any, key: str, default: Any = None) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    try:
+        return field.contents()
+    except (UnicodeDecodeError, ValueError, IndexError) as e:
+        raise LLMLabError(f"{reader.data.filename}: cannot read GGUF metadata '{key}': {e}") from e
+
+
+def _source(reader: Any) -> str:
+    return str(reader.data.filename)
+
+
+def _f32(value: float) -> float:
+    """A float32 metadata value as the shortest decimal that rounds to it (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
+def config_from_gguf(reader: Any) -> ModelConfig:
+    """The ModelConfig described by the `llama.*` and `tokenizer.ggml.*` metadata (and the tensor shapes)."""
+    src = _source(reader)
+    arch = _meta(reader, "general.architecture")
+    if arch != "llama":
+        raise LLMLabError(f"{src}: GGUF architecture is '{arch}'; llmlab imports only architecture 'llama'")
+    if _meta(reader, "llama.expert_count"):
+        raise LLMLabError(f"{src}: mixture-of-experts llama models (llama.expert_count) are not supported")
+
+    def need(key: str) -> Any:
+        value = _meta(reader, f"llama.{key}")
+        if value is None:
+            raise LLMLabError(f"{src}: GGUF metadata 'llama.{key}' is missing")
+        return value
+
+    shapes = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    hidden, n_heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(_meta(reader, "llama.attention.key_length", 0) or _meta(reader, "llama.rope.dimension_count", 0)
+                   or hidden // n_heads)
+    rope_dims = _meta(reader, "llama.rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise LLMLabError(f"{src}: partial rotary embeddings (llama.rope.dimension_count={rope_dims} < head dim "
+                          f"{head_dim}) are not supported")
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab_size = len(tokens.data) if tokens is not None else int(_meta(reader, "llama.vocab_size", 0))
+    if "token_embd.weight" in shapes:  # the weights decide if the token list and the embedding disagree
+        vocab_size = shapes["token_embd.weight"][1]
+    eps = need("attention.layer_norm_rms_epsilon")
+    has_bias = "blk.0.attn_q.bias" in shapes
+    config = ModelConfig(
+        name=Path(src).stem,
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=n_heads,
+        num_key_value_heads=int(_meta(reader, "llama.attention.head_count_kv", n_heads)),
+        head_dim=head_dim,
+        max_position_embeddings=int(_meta(reader, "llama.context_length", 2048)),
+        rms_norm_eps=_f32(eps),
+        rope_theta=_f32(_meta(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in shapes,
+        attention_bias=has_bias,
+        mlp_bias="blk.0.ffn_up.bias" in shapes,
+        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_meta(reader, "tokenizer.ggml.padding_token_id"),
+    )
+    scaling = _rope_scaling(reader, config)
+    return dataclasses.replace(config, rope_scaling=scaling) if scaling else config
+
+
+def _rope_scaling(reader: Any, config: ModelConfig) -> dict[str, Any] | None:
+    """HF `rope_scaling` from `llama.rope.scaling.*` (linear) or a llama3-style `rope_freqs` tensor."""
+    src = _source(reader)
+    kind = _meta(reader, "llama.rope.scaling.type")
+    factor = _meta(reader, "llama.rope.scaling.factor") or _meta(reader, "llama.rope.scale_linear")
+    if kind == "linear" or (kind is None and factor and float(factor) != 1.0):
+        return {"rope_type": "linear", "factor": _f32(factor)}
+    if kind not in (None, "none"):
+        raise LLMLabError(f"{src}: rope scaling type '{kind}' (llama.rope.scaling.type) is not supported "
+                          "(supported: linear, and llama3 via a rope_freqs tensor)")
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is None:
+        return None
+    return llama3_scaling_from_factors(_dequantize(rope_freqs, src).double().numpy(), config, src)
+
+
+def llama3_scaling_from_factors(factors: np.ndarray, config: ModelConfig, source: str) -> dict[str, Any] | None:
+    """Recover HF's llama3 `rope_scaling` from llama.cpp's per-frequency divisors (`rope_freqs`).
+
+    llama.cpp stores the result of the llama3 rule (1 for high frequencies, `factor` for low ones, a smooth
+    blend between). The blend is linear in 1/wavelength, so two blended entries give its slope and intercept;
+    with `low_freq_factor` = 1 (every llama3 release) that fixes `high_freq_factor` and the original context.
+    The answer is checked by recomputing the frequencies with the model's own rule.
+    """
+    from llmlab.model import rope_inv_freq
+
+    base = rope_inv_freq(dataclasses.replace(config, rope_scaling=None)).double().numpy()
+    if factors.shape != base.shape:
+        raise LLMLabError(f"{source}: tensor 'rope_freqs.weight' has {factors.size} entries, expected {base.size} "
+                          "(head_dim / 2)")
+    factor = float(factors.max())
+    if abs(factor - 1.0) < 1e-6:
+        return None
+    candidates = [(1.0, 4.0, 8192)]
+    blended = (factors > 1 + 1e-6) & (factors < factor - 1e-6)
+    if blended.sum() >= 2:
+        inv_wavelen = base[blended] / (2 * math.pi)
+        smooth = (1 / factors[blended] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inv_wavelen, smooth, 1)
+        if intercept < 0:
+            high = round(1 - 1 / intercept, 4)
+            candidates.insert(0, (1.0, high, int(round(-slope / intercept))))
+    for low, high, old_ctx in candidates:
+        scaling = {"rope_type": "llama3", "factor": round(factor, 6), "low_freq_factor": low,
+                   "high_freq_factor": high, "original_max_position_embeddings": old_ctx}
+        got = rope_inv_freq(dataclasses.replace(config, rope_scaling=scaling)).double().numpy()
+        if np.allclose(got, base / factors, rtol=1e-4, atol=0):
+            return scaling
+    raise LLMLabError(f"{source}: tensor 'rope_freqs.weight' does not follow the llama3 rope scaling rule; "
+                      "this kind of rope scaling is not supported")
+
+
+# -- tensors -------------------------------------------------------------------------------------------
+def hf_tensor_name(gguf_name: str) -> str | None:
+    """HF name of a llama.cpp tensor name (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+    stem, _, leaf = gguf_name.rpartition(".")
+    if leaf not in ("weight", "bias"):
+        return None
+    if stem in _TOP_NAMES:
+        return f"{_TOP_NAMES[stem]}.{leaf}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{_BLOCK_NAMES[parts[2]]}.{leaf}"
+    return None
+
+
+def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """Undo llama.cpp's q/k row order: it interleaves each head's two rotary halves; HF keeps them apart.
+
+    Rows of a head come from the converter as (pair index j, half t) and go back to (half t, pair index j),
+    so the result is the HF weight (or bias) the GGUF was made from.
+    """
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _dequantize(tensor: Any, source: str) -> Tensor:
+    """A GGUF tensor as float32 in numpy/HF order (GGUF lists dimensions innermost first)."""
+    from gguf.quants import dequantize
+
+    kind = tensor.tensor_type.name
+    if kind not in SUPPORTED_TYPES:
+        raise LLMLabError(f"{source}: tensor '{tensor.name}' has type {kind}, which llmlab does not import "
+                          f"(supported: {', '.join(SUPPORTED_TYPES)})")
+    values = dequantize(tensor.data, tensor.tensor_type)
+    values = values.reshape([int(d) for d in reversed(tensor.shape)])
+    return torch.from_numpy(np.require(values, np.float32, ["C", "W", "O"]))
+
+
+def tensors_from_gguf(reader: Any, config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Every weight of the file, dequantized, under its HF name and in HF's layout (q/k rows un-permuted)."""
+    src = _source(reader)
+    out: dict[str, Tensor] = {}
+    for tensor in reader.tensors:
+        if tensor.name == "rope_freqs.weight":
+            continue  # folded into config.rope_scaling
+        name = hf_tensor_name(tensor.name)
+        if name is None:
+            raise LLMLabError(f"{src}: tensor '{tensor.name}' is not part of a llama model llmlab can import")
+        w = _dequantize(tensor, src)
+        if ".q_proj." in name:
+            w = unpermute_qk(w, config.num_attention_heads)
+        elif ".k_proj." in name:
+            w = unpermute_qk(w, config.num_key_value_heads)
+        out[name] = w.to(dtype)
+    return out
+
+
+# -- tokenizer -----------------------------------------------------------------------------------------
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: printable bytes stand for themselves, the rest map to chr(256 + n) in order."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: a piece's splits, ranked by the piece's score."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    found: list[tuple[float, str, str]] = []
+    for token, score in zip(tokens, scores):
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in ids and right in ids:
+                found.append((score, left, right))
+    found.sort(key=lambda m: -m[0])  # stable: equal scores keep vocabulary order
+    return [(left, right) for _, left, right in found]
+
+
+def tokenizer_from_gguf(reader: Any) -> Tokenizer:
+    """Rebuild the file's tokenizer as an HF `tokenizers` tokenizer (byte-level BPE or sentencepiece BPE)."""
+    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.models import BPE
+
+    src = _source(reader)
+    model = _meta(reader, "tokenizer.ggml.model")
+    tokens = _meta(reader, "tokenizer.ggml.tokens")
+    if not tokens:
+        raise LLMLabError(f"{src}: GGUF has no tokenizer vocabulary (tokenizer.ggml.tokens)")
+    token_types = _meta(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+    merges = _meta(reader, "tokenizer.ggml.merges")
+    merge_pairs = [tuple(m.split(" ", 1)) for m in merges] if merges else None
+    ids = {name: _meta(reader, f"tokenizer.ggml.{name}_token_id") for name in ("bos", "eos", "unknown", "padding")}
+    if model == "gpt2":
+        alphabet = _byte_to_char()
+        letters = set(alphabet.values())
+        spelled = [t if set(t) <= letters else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
+        backend = HFTokenizer(BPE(vocab={t: i for i, t in enumerate(spelled)}, merges=merge_pairs or [],
+                                  dropout=None, continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False))
+        split = PRE_TOKENIZER_SPLITS.get(_meta(reader, "tokenizer.ggml.pre"))
+        if split is None:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        backend.decoder = decoders.ByteLevel()
+        usable = [t == s for t, s in zip(tokens, spelled)]  # a respelled token cannot stay whole as an added token
+        add_bos_default = False
+    elif model == "llama":
+        scores = _meta(reader, "tokenizer.ggml.scores")
+        if merge_pairs is None and scores is None:
+            raise LLMLabError(f"{src}: sentencepiece tokenizer has neither merges nor scores")
+        unk = tokens[ids["unknown"]] if ids["unknown"] is not None else None
+        backend = HFTokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                  merges=merge_pairs or _merges_from_scores(tokens, scores),
+                                  unk_token=unk, fuse_unk=True, byte_fallback=True, dropout=None))
+        prefix = bool(_meta(reader, "tokenizer.ggml.add_space_prefix", True))
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581",
+                                                         prepend_scheme="first" if prefix else "never", split=False)
+        steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+        usable = [True] * len(tokens)
+        add_bos_default = True  # llama.cpp adds BOS to sentencepiece vocabularies that do not say otherwise
+    else:
+        raise LLMLabError(f"{src}: tokenizer model '{model}' (tokenizer.ggml.model) is not supported "
+                          "(supported: gpt2 byte-level BPE, llama sentencepiece BPE)")
+    named = {i for i in ids.values() if i is not None and 0 <= i < len(tokens)}
+    special = [AddedToken(tokens[i], special=True, normalized=False) for i, kind in enumerate(token_types)
+               if (kind == _CONTROL or i in named) and usable[i]]
+    backend.add_special_tokens(special)
+    user = [AddedToken(tokens[i], special=False, normalized=False) for i, kind in enumerate(token_types)
+            if kind == _USER_DEFINED and usable[i] and i not in named]
+    if user:
+        backend.add_tokens(user)
+
+    def token_of(key: str) -> str | None:
+        i = ids[key]
+        return backend.id_to_token(i) if i is not None and 0 <= i < len(tokens) else None
+
+    context = _meta(reader, f"{_meta(reader, 'general.architecture')}.context_length")
+    return Tokenizer(backend, bos_token=token_of("bos"), eos_token=token_of("eos"), pad_token=token_of("padding"),
+                     add_bos=bool(_meta(reader, "tokenizer.ggml.add_bos_token", add_bos_default)),
+                     chat_template=_meta(reader, "tokenizer.chat_template"),
+                     model_max_length=int(context) if context else None)
+
+
+# -- public entry points -------------------------------------------------------------------------------
+def read_gguf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, dict[str, Tensor], Tokenizer]:
+    """Config, HF-named dequantized tensors and tokenizer of a llama GGUF file."""
+    reader = open_gguf(path)
+    config = config_from_gguf(reader)
+    tokenizer = tokenizer_from_gguf(reader)
+    return config, tensors_from_gguf(reader, config, dtype), tokenizer
+
+
+def stop_token_ids(config: ModelConfig, tokenizer: Tokenizer) -> int | list[int] | None:
+    """Ids that end a reply: the eos id, plus the chat template's turn-end token (e.g. <|im_end|>, <|eot_id|>)."""
+    stops = [config.eos_token_id] if isinstance(config.eos_token_id, int) else list(config.eos_token_id or [])
+    template = tokenizer.chat_template or ""
+    for token in ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>"):
+        tid = tokenizer.token_id(token)
+        if token in template and tid is not None and tid not in stops:
+            stops.append(tid)
+    return stops[0] if len(stops) == 1 else (stops or None)
+
+
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Write the GGUF model as an HF-format checkpoint folder (weights in `dtype`, tokenizer, generation config)."""
+    from llmlab.checkpoint import generation_config, load_into, save_checkpoint, write_json
+    from llmlab.model import LLaMA
+
+    torch_dtype = dtype_from_name(dtype)
+    config, tensors, tokenizer = read_gguf(gguf_path, torch_dtype)
+    with torch.device("meta"):
+        model = LLaMA(config)
+    try:
+        load_into(model, tensors, str(gguf_path), torch_dtype)
+    except LLMLabError as e:  # name the GGUF in every mismatch message
+        raise LLMLabError(str(e) if str(gguf_path) in str(e) else f"{gguf_path}: {e}") from e
+    generation = generation_config(config, eos_token_id=stop_token_ids(config, tokenizer))
+    source = {"source": Path(gguf_path).name, "format": "gguf", "importer": IMPORTER_VERSION}
+    return save_checkpoint(model, out_dir, tokenizer=tokenizer, dtype=torch_dtype, generation=generation,
+                           extra_files=lambda folder: write_json(folder / "llmlab_import.json", source))
+
