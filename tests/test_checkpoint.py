@@ -1,10 +1,11 @@
 import json
+import os
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab.checkpoint import hf_to_llmlab, llmlab_to_hf, load_checkpoint, save_checkpoint
+from llmlab.checkpoint import dtype_from_name, hf_to_llmlab, llmlab_to_hf, load_checkpoint, save_checkpoint
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.model import build_model
@@ -136,3 +137,19 @@ def test_missing_shard(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(LLMLabError, match="lists shard files that are missing"):
         load_checkpoint(tmp_path)
+
+
+def test_saved_checkpoint_is_readable_by_others(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(build_model(ModelConfig.from_name("tiny")), tmp_path / "c")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "c" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_dtype_names():
+    assert dtype_from_name("bfloat16") is torch.bfloat16
+    with pytest.raises(LLMLabError, match="unknown dtype 'fp8'; expected one of float32, bfloat16, float16"):
+        dtype_from_name("fp8")

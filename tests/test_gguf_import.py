@@ -11,13 +11,12 @@ import pytest
 import torch
 from _gguf_writer import CHAT_TEMPLATE, gguf_name, gpt2_vocab, llamacpp_permute, tiny_hf_model, write_llama_gguf
 
-from llmlab.checkpoint import load_checkpoint, load_safetensors
+from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_safetensors
 from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.gguf_import import (
     config_from_gguf,
-    dtype_from_name,
     import_gguf,
     open_gguf,
     read_gguf,

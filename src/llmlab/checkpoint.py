@@ -25,8 +25,16 @@ from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.model import LLaMA
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """The torch dtype called `name` (float32, bfloat16 or float16)."""
+    if name not in DTYPES:
+        raise LLMLabError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 # -- name mapping ------------------------------------------------------------------------------------
@@ -170,6 +178,7 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _publish_permissions(tmp)
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{os.getpid()}"
@@ -180,6 +189,16 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_permissions(folder: Path) -> None:
+    """mkdtemp makes a private (0700) folder; give the checkpoint the permissions of any file the user creates."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -18,12 +18,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from llmlab.checkpoint import dtype_from_name
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import Tokenizer
 
 IMPORTER_VERSION = 1  # bump when the import changes what it writes, so cached imports get rebuilt
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Tensor types imported. All are dequantized by `gguf.quants.dequantize`; others (IQ*, TQ*, ...) are refused.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -69,13 +69,6 @@ PRE_TOKENIZER_SPLITS = {
 
 # tokenizer.ggml.token_type values
 _CONTROL, _USER_DEFINED = 3, 4
-
-
-def dtype_from_name(name: str) -> torch.dtype:
-    """The torch dtype called `name` (float32, bfloat16 or float16)."""
-    if name not in DTYPES:
-        raise LLMLabError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 # -- reading the file ----------------------------------------------------------------------------------

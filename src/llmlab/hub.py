@@ -105,7 +105,8 @@ def download(name: str, out: str | Path | None = None, dtype: str = "float32") -
     `name` is `smollm2-135m-instruct` or a Hugging Face repo id (`org/model`); `out` defaults to
     `checkpoints/<name>`. Hub downloads keep only safetensors weights, JSON files and tokenizer files.
     """
-    from llmlab.gguf_import import dtype_from_name, import_gguf
+    from llmlab.checkpoint import dtype_from_name
+    from llmlab.gguf_import import import_gguf
 
     dtype_from_name(dtype)  # fail on a bad dtype before any download
     out = Path(out) if out is not None else Path("checkpoints") / name
@@ -150,7 +151,8 @@ def _weights_are(folder: Path, dtype: str) -> bool:
 
 def convert(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
     """Convert a .gguf file or an HF-format folder into an HF-format llmlab folder with weights in `dtype`."""
-    from llmlab.gguf_import import dtype_from_name, import_gguf
+    from llmlab.checkpoint import dtype_from_name
+    from llmlab.gguf_import import import_gguf
 
     torch_dtype = dtype_from_name(dtype)
     src, dst = Path(src), Path(dst)
