@@ -166,6 +166,68 @@ COMMANDS = [download, convert]
 COMMANDS += [generate, chat]
 
 
+def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd: float | None = None,
+         model: str | None = None, tokens: float | None = None, gpu: str = "A100-80GB", n_gpus: int = 1,
+         mfu: float | None = None, tokens_per_s: float | None = None, gpu_tflops: float | None = None,
+         gpu_watts: float | None = None, gpu_memory: float | None = None, price_per_hour: float | None = None,
+         pue: float = 1.1, seq_len: int | None = None, serve_tokens: float = 0.0, serve_mfu: float = 0.2,
+         loss_tolerance: float = 0.0, batch: int = 1, lora_rank: int = 16, activation_checkpointing: bool = False,
+         json: Path | None = None) -> None:
+    """Plan before training or buying GPUs: which model size a budget should buy, or what one model needs.
+
+    With a budget (one of --gpu-hours, --flops, --budget-usd): a table of candidate sizes (presets and a
+    LLaMA-shaped ladder) with their training tokens, loss predicted by Chinchilla's fitted law, and, trained to the
+    compute-optimal loss, FLOPs, wall time, GPU-hours, energy and cost, plus the cost of serving --serve-tokens;
+    marks the compute-optimal (*) and the cheapest over training and serving ($) choice. With --model: parameter
+    count, FLOPs per token, and memory for inference (bf16/int8/nf4 + KV cache) and fine-tuning (full, LoRA,
+    QLoRA); add --tokens for the cost of a training run. Formulas and assumptions: docs/plan.md.
+
+    Args:
+        gpu_hours: Budget in GPU-hours on --gpu.
+        flops: Budget in training FLOPs.
+        budget_usd: Budget in US dollars, at --price-per-hour.
+        model: A preset name or a model config file, for its parameters and memory (instead of a budget).
+        tokens: With --model: training tokens of a run to estimate (FLOPs, GPU-hours, wall time, MWh, cost).
+        gpu: GPU kind: V100-32GB, A100-40GB, A100-80GB, H100-PCIe, H100-SXM, H200, L4, RTX-4090.
+        n_gpus: GPUs training in parallel (sets the wall time, not the GPU-hours).
+        mfu: Model-FLOPs utilisation of training, the fraction of the GPU's dense bf16 peak reached (default 0.4).
+        tokens_per_s: With --model and --tokens: measured training tokens/s per GPU, instead of --mfu (sets the MFU
+            it implies).
+        gpu_tflops: Override the GPU's dense bf16/fp16 peak TFLOP/s.
+        gpu_watts: Override the GPU's board power in watts.
+        gpu_memory: Override the GPU's memory in GiB.
+        price_per_hour: Override the GPU's price in USD per GPU-hour (the table's prices are rough assumptions).
+        pue: Power usage effectiveness of the data centre (facility power / IT power; the LLaMA paper used 1.1).
+        seq_len: Training context T for the attention FLOPs (default 2048); with --model also the KV-cache context
+            and fine-tuning sequence length (default: the model's context, at most 2048).
+        serve_tokens: Tokens the model will generate over its life (inference at 2N FLOPs per token).
+        serve_mfu: Model-FLOPs utilisation of serving (batched decoding is memory-bound; 0.2 is a rough guess).
+        loss_tolerance: Accept a target loss this many nats above the compute-optimal one for the cheapest choice.
+        batch: With --model: sequences per batch for the KV cache and the fine-tuning activations.
+        lora_rank: With --model: LoRA/QLoRA rank (adapters on all seven projections of every block).
+        activation_checkpointing: With --model: fine-tuning recomputes activations (keeps only block inputs).
+        json: Also write the rows to this JSON file.
+    """
+    import json as _json
+
+    from llmlab.plan import run_plan
+
+    text, data = run_plan(gpu_hours=gpu_hours, flops=flops, budget_usd=budget_usd, model=model, tokens=tokens,
+                          gpu=gpu, n_gpus=n_gpus, mfu=mfu, tokens_per_s=tokens_per_s, gpu_tflops=gpu_tflops,
+                          gpu_watts=gpu_watts, gpu_memory=gpu_memory, price_per_hour=price_per_hour, pue=pue,
+                          seq_len=seq_len, serve_tokens=serve_tokens, serve_mfu=serve_mfu,
+                          loss_tolerance=loss_tolerance, batch=batch, lora_rank=lora_rank,
+                          activation_checkpointing=activation_checkpointing)
+    print(text)
+    if json is not None:
+        json.parent.mkdir(parents=True, exist_ok=True)
+        json.write_text(_json.dumps(data, indent=2) + "\n")
+        print(f"saved {json}")
+
+
+COMMANDS += [plan]
+
+
 def _underscore_options(argv: list[str]) -> list[str]:
     """Accept `--max-new-tokens` as well as jsonargparse's `--max_new_tokens`: dashes in option names (the part
     before any `=`) become underscores. Values are untouched (argparse reads a value starting with `--` as an
