@@ -112,6 +112,13 @@ def test_top_k_one_samples_the_argmax():
                                                                                                         10)
 
 
+@pytest.mark.slow  # torch.compile takes ~30 s on a 2-core CPU
+def test_compiled_decode_step_gives_the_same_tokens():
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8], [9]]
+    assert run(model, prompts, 12, compile=True) == run(model, prompts, 12)
+
+
 def test_eos_ends_a_row_and_is_not_returned():
     model = tiny_model()
     tokens = run(model, [[3, 4, 5]], 12)[0]
@@ -257,6 +264,9 @@ def test_stop_strings_and_eos_end_generation_and_are_excluded(tokenizer):
     cut = generate(model, tokenizer, [prompt], 30, eos_ids=(), stop=[stop])[0]
     assert cut.finish_reason == "stop" and cut.text == full.text[:full.text.index(stop)]
     assert "".join(stream(model, tokenizer, prompt, 30, eos_ids=(), stop=[stop])) == cut.text
+    other = tokenizer.encode("The capital")
+    batch = generate(model, tokenizer, [prompt, other], 30, eos_ids=(), stop=[stop])
+    assert batch == [cut, generate(model, tokenizer, [other], 30, eos_ids=(), stop=[stop])[0]]
     eos = full.token_ids[5]
     ended = generate(model, tokenizer, [prompt], 30, eos_ids={eos})[0]
     first = full.token_ids.index(eos)

@@ -121,15 +121,18 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
 # -- the model steps ---------------------------------------------------------------------------------
 def prefill(model: LLaMA, tokens: Tensor, input_pos: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
     """Run the (padded) prompts (B, T) through the model, filling cache slots `input_pos`; last logits (B, V) fp32."""
-    return model(tokens, input_pos=input_pos, position_ids=position_ids, mask=mask, last_only=True)[:, -1].float()
+    return model(tokens, input_pos=input_pos, position_ids=position_ids, mask=mask, last_only=True,
+                 kv_len=tokens.size(1))[:, -1].float()
 
 
-def decode_one_token(model: LLaMA, token: Tensor, input_pos: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
+def decode_one_token(model: LLaMA, token: Tensor, input_pos: Tensor, position_ids: Tensor, mask: Tensor,
+                     kv_len: int | None = None) -> Tensor:
     """One decode step: token (B, 1) at cache slot `input_pos` (1,) -> next-token logits (B, V) fp32.
 
-    Every argument keeps its shape and storage across steps, so this is the function to `torch.compile`.
+    With `kv_len` None every argument keeps its shape and storage across steps, so this is the function to
+    `torch.compile`; eager decoding passes kv_len = filled slots, to skip attention over the empty rest.
     """
-    return model(token, input_pos=input_pos, position_ids=position_ids, mask=mask)[:, -1].float()
+    return model(token, input_pos=input_pos, position_ids=position_ids, mask=mask, kv_len=kv_len)[:, -1].float()
 
 
 _COMPILED: dict[str, Callable[..., Tensor]] = {}
@@ -170,6 +173,7 @@ class _Batch:
         self.prefill_position_ids = (steps[None, :] - n_pad[:, None]).clamp(min=0)  # (B, T)
         self.step_mask = self.key_valid.view(B, 1, 1, S)  # a view: in-place updates of key_valid show through
         self.pos = torch.tensor([T], device=device)  # cache slot of the token fed next
+        self.slot = None if compile else T  # the same, on the host, for kv_len in eager mode
         self.position_ids = (T - n_pad)[:, None].clone()  # (B, 1) its RoPE position in each row
         self.seen = None
         if params.repetition_penalty != 1.0:
@@ -194,8 +198,11 @@ class _Batch:
         if self.seen is not None:
             self.seen.scatter_(1, token, True)
         self.key_valid.index_fill_(1, self.pos, True)
-        logits = self.decode(self.model, token, self.pos, self.position_ids, self.step_mask)
+        kv_len = None if self.slot is None else self.slot + 1
+        logits = self.decode(self.model, token, self.pos, self.position_ids, self.step_mask, kv_len)
         self.pos += 1
+        if self.slot is not None:
+            self.slot += 1
         self.position_ids += 1
         return sample(logits, self.params, self.rng, self.seen)
 
