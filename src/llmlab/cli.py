@@ -7,9 +7,11 @@ the commands, so `llmlab --help` stays fast.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
+from llmlab.args import TrainConfig
 from llmlab.errors import LLMLabError
 
 
@@ -164,6 +166,68 @@ def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature:
 
 COMMANDS = [download, convert]
 COMMANDS += [generate, chat]
+
+
+def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = None,
+            train_tokenizer: int | None = None, text_field: str = "text", val_fraction: float = 0.05,
+            seed: int = 0) -> Path:
+    """Tokenize a text corpus into memory-mapped token files for pretraining (train.bin, val.bin, meta.json).
+
+    Args:
+        corpus: A text file, a JSONL file (one document per line), a folder of .txt/.md/.jsonl files, or several
+            of them as a list (`'["a.txt", "docs/"]'`, or a YAML list in --config).
+        out: The data folder to write (replaced atomically if it exists).
+        tokenizer: Reuse the tokenizer of this folder (a checkpoint or an earlier data folder).
+        train_tokenizer: Train a new byte-level BPE tokenizer of this vocabulary size on the corpus instead.
+        text_field: The field of each JSONL record that holds its text.
+        val_fraction: Share of the tokens held out for validation (spread over the corpus in blocks).
+        seed: Seed of the train/validation assignment.
+    """
+    from llmlab.data import prepare as _prepare
+
+    corpus = corpus if isinstance(corpus, list) else [corpus]
+    path = _prepare(corpus, out, tokenizer=tokenizer, train_tokenizer=train_tokenizer, text_field=text_field,
+                    val_fraction=val_fraction, seed=seed)
+    meta = json.loads((path / "meta.json").read_text())
+    print(f"saved {path}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens, "
+          f"vocabulary {meta['vocab_size']:,}")
+    return path
+
+
+def pretrain(*, model: str, data: Path, out: Path, train: TrainConfig = TrainConfig(), resume: str = "auto") -> Path:
+    """Pretrain a model from random weights on a prepared data folder; RUN_DIR/final is an HF-format checkpoint.
+
+    Runs on one process, or data-parallel under torchrun (`torchrun --nproc_per_node N -m llmlab.cli pretrain
+    ... --train.strategy ddp|fsdp`). Metrics go to RUN_DIR/metrics.csv and RUN_DIR/tensorboard.
+
+    Args:
+        model: A preset name (e.g. micro-10m) or a model config file (YAML of ModelConfig fields, a `preset:`
+            key to start from a preset, or an HF config.json).
+        data: A data folder written by `llmlab prepare`.
+        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
+        train: Training options.
+        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
+    """
+    from llmlab.train import pretrain as _pretrain
+
+    return _pretrain(model, data, out, train, resume)
+
+
+def plot(run_dir: Path, out: Path | None = None) -> Path:
+    """Plot a training run's train/validation loss and learning rate to a PNG.
+
+    Args:
+        run_dir: A run folder with metrics.csv.
+        out: The PNG to write (default: RUN_DIR/loss.png).
+    """
+    from llmlab.metrics import plot_run
+
+    path = plot_run(run_dir, out)
+    print(f"saved {path}")
+    return path
+
+
+COMMANDS += [prepare, pretrain, plot]
 
 
 def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd: float | None = None,

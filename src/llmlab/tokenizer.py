@@ -7,7 +7,7 @@ The chat template is rendered with jinja2 in a sandbox, with the same environmen
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -159,3 +159,32 @@ def _compiled_template(source: str) -> Any:
         except TemplateError as e:
             raise LLMLabError(f"chat template does not parse: {e}") from e
     return _TEMPLATES[source]
+
+
+# -- training a new tokenizer ----------------------------------------------------------------------
+def train_bpe_tokenizer(source: Iterable[str] | Sequence[Path], vocab_size: int, bos_token: str = "<|bos|>",
+                        eos_token: str = "<|eos|>", pad_token: str = "<|pad|>",
+                        extra_special_tokens: Sequence[str] = (), show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style: every byte is a symbol, so no text is out of vocabulary).
+
+    `source` is an iterable of texts (streamed: the corpus is never held in memory) or a list of `Path`s of
+    plain-text files. The special tokens take the first ids, in the order pad, bos, eos, extras (0, 1, 2 with the
+    defaults, the ids LLaMA-style configs use for bos and eos). The result has no chat template and adds no BOS.
+    """
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    specials = list(dict.fromkeys([pad_token, bos_token, eos_token, *extra_special_tokens]))
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise LLMLabError(f"tokenizer vocab size {vocab_size} is too small: a byte-level BPE needs at least "
+                          f"{len(alphabet)} byte symbols + {len(specials)} special tokens")
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=show_progress)
+    if isinstance(source, (list, tuple)) and source and all(isinstance(p, Path) for p in source):
+        backend.train([str(p) for p in source], trainer)
+    else:
+        backend.train_from_iterator(source, trainer)
+    return Tokenizer(backend, bos_token=bos_token, eos_token=eos_token, pad_token=pad_token, add_bos=False)

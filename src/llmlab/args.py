@@ -1,0 +1,91 @@
+"""Option dataclasses shared by the training commands (pretrain, finetune, distill).
+
+Kept free of torch imports so that the command line can build its parser (and `--help`) without loading torch.
+jsonargparse reads the `Args:` section of each docstring, so every field is documented in `--help`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmlab.errors import LLMLabError
+
+
+@dataclass
+class TrainConfig:
+    """Options of the training loop (`llmlab.train.train`).
+
+    Args:
+        lr: Peak learning rate, reached after the warmup.
+        min_lr_ratio: The cosine decay ends at min_lr_ratio * lr (LLaMA: 0.1).
+        warmup_steps: Steps of linear warmup from ~0 to lr.
+        max_steps: Optimizer steps of the whole run (the LR schedule spans them).
+        max_tokens: If set, the run length in training tokens instead; max_steps is derived from it.
+        batch_size: Sequences per micro-batch on each process.
+        grad_accum: Micro-batches accumulated per optimizer step; global batch = batch_size * grad_accum * processes.
+        seq_len: Tokens per training sequence.
+        beta1: AdamW beta1.
+        beta2: AdamW beta2 (LLaMA: 0.95).
+        weight_decay: AdamW decoupled weight decay, applied to matrices only (not to norms and biases).
+        grad_clip: Clip the global gradient norm to this value (0 = no clipping).
+        precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (autocast, weights stay fp32).
+        activation_checkpointing: Recompute each block's activations in the backward pass (less memory, ~30% slower).
+        compile: Compile the model with torch.compile.
+        eval_every: Validation loss every this many steps (0 = only at the start and the end).
+        eval_batches: Micro-batches per validation (per process).
+        save_every: Write a checkpoint every this many steps (0 = only at the end).
+        keep_last: Keep this many most recent checkpoints (0 = keep all).
+        log_every: Write a metrics row every this many steps.
+        seed: Seed of the model initialisation, the data order and every random choice in training.
+        device: auto (CUDA if present, one GPU per process under torchrun), cpu, cuda or cuda:N.
+        strategy: auto (ddp under torchrun, else one process), ddp, or fsdp (FSDP2 fully_shard), for torchrun runs.
+        stop_at: End this invocation after this step with a checkpoint (the schedule still spans max_steps);
+            resume continues the run. For jobs with a time slot shorter than the run.
+    """
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    max_steps: int = 1000
+    max_tokens: int | None = None
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 256
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 10
+    save_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    strategy: str = "auto"
+    stop_at: int | None = None
+
+    def validate(self) -> None:
+        """Raise a clear error naming the option for values the loop cannot run with."""
+        positive = ("max_steps", "batch_size", "grad_accum", "seq_len", "log_every", "eval_batches")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise LLMLabError(f"training option '{name}' must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every", "save_every", "keep_last"):
+            if getattr(self, name) < 0:
+                raise LLMLabError(f"training option '{name}' must be >= 0, got {getattr(self, name)!r}")
+        if self.max_tokens is not None and self.max_tokens <= 0:
+            raise LLMLabError(f"training option 'max_tokens' must be positive, got {self.max_tokens!r}")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise LLMLabError(f"training options need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
+                              f"min_lr_ratio={self.min_lr_ratio}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise LLMLabError(f"training option 'precision' must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.strategy not in ("auto", "ddp", "fsdp"):
+            raise LLMLabError(f"training option 'strategy' must be auto, ddp or fsdp, got {self.strategy!r}")
+        if self.stop_at is not None and self.stop_at <= 0:
+            raise LLMLabError(f"training option 'stop_at' must be a positive step, got {self.stop_at!r}")
