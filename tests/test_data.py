@@ -206,3 +206,14 @@ def test_block_size_splits_long_files(tmp_path: Path) -> None:
                   progress=False)
     meta = json.loads((out / "meta.json").read_text())
     assert meta["val_tokens"] > 0 and meta["train_tokens"] > 0  # one document split across both
+
+
+@pytest.mark.slow
+def test_prepare_with_the_default_models_tokenizer(default_ckpt: Path, tmp_path: Path) -> None:
+    text = make_text(200)
+    (tmp_path / "c.txt").write_text(text)
+    out = prepare([tmp_path / "c.txt"], tmp_path / "d", tokenizer=default_ckpt, val_fraction=0.0, progress=False)
+    tok = Tokenizer.from_folder(default_ckpt)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["vocab_size"] == tok.vocab_size == 49152 and meta["dtype"] == "uint16"
+    assert read_tokens(out, "train").tolist() == tok.encode(text) + [tok.eos_id]

@@ -366,8 +366,9 @@ def load_training_checkpoint(folder: Path, raw: nn.Module, optimizer: torch.opti
     model_sd = method.load_state(raw, folder)
     shapes = {k: tuple(v.shape) for k, v in raw.state_dict().items()}
     bad = [k for k, t in model_sd.items() if shapes.get(k) != tuple(t.shape)]
+    bad += [n for n, _ in named if n not in model_sd]
     if bad:
-        raise LLMLabError(f"{folder}: tensors {bad[:5]} do not fit this model {hint}")
+        raise LLMLabError(f"{folder}: tensors {bad[:5]} are missing or do not fit this model {hint}")
 
     optim_state: dict[str, dict[str, Tensor]] = {}
     for key, t in tensors.items():
