@@ -97,3 +97,12 @@ def test_from_file_errors(tmp_path):
     other.write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
     with pytest.raises(LLMLabError, match="model_type 'gpt2' is not a LLaMA-family model"):
         ModelConfig.from_file(other)
+
+
+def test_from_spec_takes_a_preset_a_file_or_a_checkpoint_folder(tmp_path):
+    assert ModelConfig.from_spec("tiny").hidden_size == 64
+    ModelConfig.from_name("tiny-mha").save(tmp_path / "config.json")
+    assert ModelConfig.from_spec(tmp_path).tie_word_embeddings is True
+    assert ModelConfig.from_spec(tmp_path / "config.json").num_key_value_heads == 4
+    with pytest.raises(LLMLabError, match="unknown model preset 'no-such-model'"):
+        ModelConfig.from_spec("no-such-model")

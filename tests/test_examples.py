@@ -9,6 +9,7 @@ import yaml
 
 from llmlab.args import TrainConfig
 from llmlab.cli import COMMANDS
+from llmlab.config import ModelConfig
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.yaml"))
 
@@ -24,9 +25,7 @@ def test_example_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     assert exit_info.value.code in (0, None)
     parsed = yaml.safe_load(capsys.readouterr().out)
     if command == "pretrain":
-        from llmlab.train import model_config
-
-        model_config(parsed["model"])  # the preset or model file exists
+        ModelConfig.from_spec(parsed["model"])  # the preset or model file exists
         TrainConfig(**parsed["train"]).validate()
 
 

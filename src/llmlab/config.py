@@ -138,6 +138,16 @@ class ModelConfig:
             raise LLMLabError(f"{path}: unknown config keys {sorted(unknown)}")
         return cls(**data)
 
+    @classmethod
+    def from_spec(cls, spec: str | Path) -> ModelConfig:
+        """A preset name, or a config file: YAML/JSON of fields, an HF config.json, or a checkpoint folder with one."""
+        path = Path(spec)
+        if path.is_dir():
+            path = path / "config.json"
+        if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+            return cls.from_file(path)
+        return cls.from_name(str(spec))
+
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
 

@@ -493,16 +493,15 @@ def resolve_device(name: str) -> torch.device:
         raise LLMLabError(f"--device: '{name}' is not a device (expected auto, cpu, cuda or cuda:N)") from e
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """'auto' is bfloat16 on CUDA and float32 elsewhere; else one of float32, bfloat16, float16."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise LLMLabError(f"--dtype: expected auto, {', '.join(_DTYPES)}; got '{name}'")
-    return _DTYPES[name]
+    from llmlab.checkpoint import DTYPES
+
+    if name not in DTYPES:
+        raise LLMLabError(f"--dtype: expected auto, {', '.join(DTYPES)}; got '{name}'")
+    return DTYPES[name]
 
 
 def load_for_generation(folder: str | Path, device: str = "auto",

@@ -552,20 +552,6 @@ def format_run(config: ModelConfig, run: Run, gpu: GPU, mfu: float, n_gpus: int,
             f"predicted loss {run.loss:.4f}")
 
 
-def model_from_spec(spec: str) -> ModelConfig:
-    """A preset name, or a config file (YAML/JSON of fields, an HF config.json, or a checkpoint folder holding one).
-
-    The same rule as `llmlab.train.model_config`, kept here so that planning needs no torch import."""
-    from pathlib import Path
-
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-        return ModelConfig.from_file(path)
-    return ModelConfig.from_name(spec)
-
-
 def run_plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd: float | None = None,
              model: str | None = None, tokens: float | None = None, gpu: str = DEFAULT_GPU, n_gpus: int = 1,
              mfu: float | None = None, tokens_per_s: float | None = None, gpu_tflops: float | None = None,
@@ -592,7 +578,7 @@ def run_plan(gpu_hours: float | None = None, flops: float | None = None, budget_
     if given:
         raise LLMLabError(f"--model reports one model; {given[0]} compares sizes at a budget: drop one of them "
                           "(--model with --tokens estimates that model's training run)")
-    config = model_from_spec(model)
+    config = ModelConfig.from_spec(model)
     seq_len = min(DEFAULT_SEQ_LEN, config.max_position_embeddings) if seq_len is None else seq_len
     rows = memory_report(config, seq_len, batch, lora_rank, activation_checkpointing)
     text = format_memory(config, rows, hw, seq_len, batch)

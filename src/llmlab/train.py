@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llmlab.args import TrainConfig
+from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.methods import Method
 from llmlab.metrics import RunLogger
@@ -501,18 +502,6 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
 
 
 # -- pretraining -------------------------------------------------------------------------------------
-def model_config(spec: str | Path) -> Any:
-    """A ModelConfig from a preset name or a config file (YAML/JSON of fields, or an HF config.json / its folder)."""
-    from llmlab.config import ModelConfig
-
-    path = Path(spec)
-    if path.is_dir():
-        path = path / "config.json"
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
-        return ModelConfig.from_file(path)
-    return ModelConfig.from_name(str(spec))
-
-
 def pretrain(model: str | Path, data: str | Path, out: str | Path, config: TrainConfig | None = None,
              resume: str | Path | None = "auto") -> Path:
     """Pretrain a randomly initialised model on a prepared data folder; returns RUN_DIR (final/ when finished)."""
@@ -522,7 +511,7 @@ def pretrain(model: str | Path, data: str | Path, out: str | Path, config: Train
 
     cfg = config or TrainConfig()
     cfg.validate()
-    mcfg = model_config(model)
+    mcfg = ModelConfig.from_spec(model)
     dataset = TokenDataset(data, cfg.seq_len, cfg.seed)
     tokenizer = dataset.tokenizer()
     if tokenizer.vocab_size > mcfg.vocab_size:
