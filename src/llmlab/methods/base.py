@@ -22,6 +22,17 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
 
 
+def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
+    """The model's keyword inputs of a batch: RoPE `position_ids` and an attention `mask`, which packed batches
+    give as `segment_ids` (a block-diagonal causal mask keeps each example's attention to itself)."""
+    mask = batch.get("mask")
+    if mask is None and "segment_ids" in batch:
+        seg = batch["segment_ids"]
+        causal = torch.ones(seg.shape[-1], seg.shape[-1], dtype=torch.bool, device=seg.device).tril()
+        mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+    return {"position_ids": batch.get("position_ids"), "mask": mask}
+
+
 class Method:
     """Base class of training methods; the defaults train every parameter with next-token cross-entropy."""
 
@@ -36,9 +47,14 @@ class Method:
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
-        """Scalar loss of a batch (`input_ids`, `labels`, optional `position_ids`); `model` may be wrapped."""
-        logits = model(batch["input_ids"], position_ids=batch.get("position_ids"))
-        return next_token_loss(logits, batch["labels"])
+        """Scalar loss of a batch (`input_ids`, `labels`, optional `position_ids` and `mask` or `segment_ids` of
+        packed examples); `model` may be wrapped."""
+        return next_token_loss(model(batch["input_ids"], **model_inputs(batch)), batch["labels"])
+
+    def model_config(self, model: nn.Module) -> dict[str, Any]:
+        """The model's config as JSON data; training checkpoints store it so that a resume checks the model is the
+        same (default: the LLaMA's HF config.json contents)."""
+        return model.config.to_hf_dict()
 
     def save(self, model: nn.Module, folder: Path, tokenizer: Any = None, state_dict: dict[str, Tensor] | None = None,
              extra_files: Callable[[Path], None] | None = None) -> Path:

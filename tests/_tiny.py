@@ -1,0 +1,51 @@
+"""Helpers for the fine-tuning tests: a tiny tokenizer (with or without a chat template), a tiny checkpoint, and a
+small instruction task whose responses follow a pattern a 2-layer model learns in a few dozen steps."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from llmlab.checkpoint import save_checkpoint
+from llmlab.config import ModelConfig
+from llmlab.model import build_model
+from llmlab.tokenizer import Tokenizer, train_bpe_tokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+ANIMALS = {"cat": "meow", "dog": "woof", "cow": "moo", "owl": "hoot", "duck": "quack", "pig": "oink",
+           "sheep": "baa", "frog": "croak", "lion": "roar", "bee": "buzz"}
+
+
+def task_records(n: int = 60, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        animal = rng.choice(sorted(ANIMALS))
+        out.append({"instruction": f"What does the {animal} say?", "input": "",
+                    "output": f"The {animal} says {ANIMALS[animal]}."})
+    return out
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def tiny_tokenizer(chat: bool = True) -> Tokenizer:
+    texts = [f"{r['instruction']} {r['output']}" for r in task_records(200)] * 3
+    tok = train_bpe_tokenizer(texts, 300, eos_token="<|im_end|>", extra_special_tokens=["<|im_start|>"])
+    tok.chat_template = CHATML if chat else None
+    return tok
+
+
+def tiny_checkpoint(folder: Path, chat: bool = True, seed: int = 0, preset: str = "tiny") -> Path:
+    """A randomly initialised tiny model (vocab 300) with the tiny tokenizer, saved as an HF-format folder."""
+    tok = tiny_tokenizer(chat)
+    cfg = ModelConfig.from_name(preset, vocab_size=300)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
+    torch.manual_seed(seed)
+    return save_checkpoint(build_model(cfg), folder, tokenizer=tok)
