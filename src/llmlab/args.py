@@ -89,3 +89,44 @@ class TrainConfig:
             raise LLMLabError(f"training option 'strategy' must be auto, ddp or fsdp, got {self.strategy!r}")
         if self.stop_at is not None and self.stop_at <= 0:
             raise LLMLabError(f"training option 'stop_at' must be a positive step, got {self.stop_at!r}")
+
+
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass
+class LoRAConfig:
+    """Options of LoRA fine-tuning (`--method lora`): W = W0 + scale * B A on the chosen projections.
+
+    Args:
+        r: Rank of the update B A (A: r x in, B: out x r).
+        alpha: Scale numerator: scale = alpha / r (or alpha / sqrt(r) with rslora).
+        dropout: Dropout on the adapter's input during training.
+        targets: Projections to adapt, among q, k, v, o, gate, up, down (also q_proj ... down_proj), or `all`.
+        rslora: Rank-stabilised LoRA: scale = alpha / sqrt(r), so larger ranks keep learning.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | str = "q,v"
+    rslora: bool = False
+
+    def target_list(self) -> list[str]:
+        """The targets as short names (q, k, ...), checked."""
+        raw = self.targets.split(",") if isinstance(self.targets, str) else list(self.targets)
+        names = [t.strip().removesuffix("_proj") for t in raw if t.strip()]
+        if names == ["all"]:
+            return list(LORA_TARGETS)
+        bad = [t for t in names if t not in LORA_TARGETS]
+        if bad or not names:
+            raise LLMLabError(f"LoRA target(s) {bad or raw} match no module: expected some of "
+                              f"{', '.join(LORA_TARGETS)} (or q_proj ... down_proj, or all)")
+        return list(dict.fromkeys(names))
+
+    def validate(self) -> None:
+        if not isinstance(self.r, int) or self.r <= 0:
+            raise LLMLabError(f"LoRA option 'r' must be a positive integer, got {self.r!r}")
+        if not 0 <= self.dropout < 1:
+            raise LLMLabError(f"LoRA option 'dropout' must be in [0, 1), got {self.dropout!r}")
+        self.target_list()

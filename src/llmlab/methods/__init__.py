@@ -6,11 +6,13 @@ A method is a small object (`Method`) that the loop calls at fixed points:
     loss(model, batch)           the scalar training loss of a batch (default: next-token cross-entropy)
     save(model, folder, ...)     what a checkpoint and RUN_DIR/final hold (full: an HF-format model folder)
     load_state(model, folder)    read back what `save` wrote, to resume a run
+    model_config(model)          the model's config as JSON, stored in checkpoints to check a resume
 Pretraining and full fine-tuning use `Full`; partial fine-tuning, adapters, LoRA, QLoRA and distillation
 are further subclasses.
 """
 
 from llmlab.methods.base import IGNORE_INDEX, Method, next_token_loss, state_dict_to_model
 from llmlab.methods.full import Full
+from llmlab.methods.lora import LoRA
 
-__all__ = ["IGNORE_INDEX", "Full", "Method", "next_token_loss", "state_dict_to_model"]
+__all__ = ["IGNORE_INDEX", "Full", "LoRA", "Method", "next_token_loss", "state_dict_to_model"]
