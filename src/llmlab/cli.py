@@ -194,8 +194,10 @@ def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = No
     return path
 
 
-def pretrain(*, model: str, data: Path, out: Path, train: TrainConfig = TrainConfig(), resume: str = "auto") -> Path:
-    """Pretrain a model from random weights on a prepared data folder; RUN_DIR/final is an HF-format checkpoint.
+def pretrain(*, model: str, data: Path, out: Path, train: TrainConfig = TrainConfig(), resume: str = "auto",
+             arch: str = "llama") -> Path:
+    """Pretrain a model from random weights on a prepared data folder; RUN_DIR/final is an HF-format checkpoint
+    (with --arch lstm: an LSTM model folder, see llmlab.rnn).
 
     Runs on one process, or data-parallel under torchrun (`torchrun --nproc_per_node N -m llmlab.cli pretrain
     ... --train.strategy ddp|fsdp`). Metrics go to RUN_DIR/metrics.csv and RUN_DIR/tensorboard.
@@ -207,10 +209,12 @@ def pretrain(*, model: str, data: Path, out: Path, train: TrainConfig = TrainCon
         out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
         train: Training options.
         resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
+        arch: llama (the transformer) or lstm (the recurrent baseline: --model takes an LSTM preset, lstm-10m or
+            lstm-tiny, or a YAML of LSTMConfig fields).
     """
     from llmlab.train import pretrain as _pretrain
 
-    return _pretrain(model, data, out, train, resume)
+    return _pretrain(model, data, out, train, resume, arch=arch)
 
 
 def plot(run_dir: Path, out: Path | None = None) -> Path:

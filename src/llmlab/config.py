@@ -114,20 +114,7 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> ModelConfig:
         """Read an HF `config.json` or a YAML/JSON file of ModelConfig fields (a `preset:` key starts from a preset)."""
         path = Path(path)
-        if not path.is_file():
-            raise LLMLabError(f"config file not found: {path}")
-        text = path.read_text()
-        try:
-            if path.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as e:  # parse errors of either format
-            raise LLMLabError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from e
-        if not isinstance(data, dict):
-            raise LLMLabError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+        data = read_config_mapping(path)
         if "preset" in data:
             preset = data.pop("preset")
             return cls.from_name(preset, **data)
@@ -169,6 +156,26 @@ class ModelConfig:
         if include_embeddings:
             total += v * h * (1 if self.tie_word_embeddings else 2)
         return total
+
+
+def read_config_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping of a YAML (.yaml/.yml) or JSON config file, with a clear error for a missing or malformed one."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMLabError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # parse errors of either format
+        raise LLMLabError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: {e}") from e
+    if not isinstance(data, dict):
+        raise LLMLabError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
 
 
 def _rope_type(scaling: dict[str, Any]) -> str:
