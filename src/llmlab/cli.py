@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
-from llmlab.args import TrainConfig
+from llmlab.args import LoRAConfig, TrainConfig
 from llmlab.errors import LLMLabError
 
 
@@ -49,7 +50,7 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
              max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
              stop: str | list[str] | None = None, dtype: str = "auto", device: str = "auto",
-             compile: bool = False) -> None:
+             compile: bool = False, adapter: Path | None = None) -> None:
     """Continue a prompt, or answer it as a chat message, streaming the text to stdout as it is generated.
 
     Sampling options left unset come from the checkpoint's generation_config.json (greedy unless it sets
@@ -71,13 +72,15 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
         dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
+        adapter: A LoRA adapter folder (PEFT format, e.g. RUN_DIR/final of `llmlab finetune --method lora`) to
+            apply on top of the checkpoint, unmerged.
     """
     from llmlab.generate import stream
 
     if prompt == "":
         raise LLMLabError("--prompt is empty: give the text to continue or the question to answer")
     model, tokenizer, sampling, eos, stops = _load_for_generation(
-        checkpoint, dtype, device, temperature, top_k, top_p, repetition_penalty, seed, stop)
+        checkpoint, dtype, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
     if chat is None:
         chat = tokenizer.chat_template is not None
     if chat:
@@ -96,7 +99,7 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
 def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float | None = None,
          top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
          seed: int | None = None, stop: str | list[str] | None = None, dtype: str = "auto", device: str = "auto",
-         compile: bool = False) -> None:
+         compile: bool = False, adapter: Path | None = None) -> None:
     """Talk with a model: each input line is a user message, the reply streams back; the history is kept.
 
     `/reset` clears the history, `/exit` or end of input (Ctrl-D) quits. Works with piped input too
@@ -115,11 +118,12 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
         dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
+        adapter: A LoRA adapter folder (PEFT format) to apply on top of the checkpoint, unmerged.
     """
     from llmlab.generate import ChatSession
 
     model, tokenizer, sampling, eos, stops = _load_for_generation(
-        checkpoint, dtype, device, temperature, top_k, top_p, repetition_penalty, seed, stop)
+        checkpoint, dtype, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
     session = ChatSession(model, tokenizer, system, max_new_tokens, sampling, eos, stops, compile)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -153,12 +157,17 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
 
 def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature: float | None, top_k: int | None,
                          top_p: float | None, repetition_penalty: float | None, seed: int | None,
-                         stop: str | list[str] | None) -> tuple:
-    """Model, tokenizer, sampling parameters, EOS ids and stop strings for `generate` and `chat`."""
+                         stop: str | list[str] | None, adapter: Path | None = None) -> tuple:
+    """Model (with its LoRA adapter, if any), tokenizer, sampling parameters, EOS ids and stop strings for
+    `generate` and `chat`."""
     from llmlab.generate import SamplingParams, eos_token_ids, load_for_generation
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     model, tokenizer, gen_config = load_for_generation(checkpoint, device=device, dtype=dtype)
+    if adapter is not None:
+        from llmlab.methods.lora import load_adapter
+
+        load_adapter(model, adapter)
     sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed)
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
@@ -294,6 +303,54 @@ def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd:
 
 
 COMMANDS += [plan]
+
+
+def finetune(checkpoint: Path, *, data: Path, out: Path, method: Literal["full", "lora"] = "lora",
+             lora: LoRAConfig = LoRAConfig(), train: TrainConfig = TrainConfig(), val_data: Path | None = None,
+             val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
+    """Fine-tune a checkpoint on instruction data (loss on the responses only) through the training loop.
+
+    RUN_DIR/final is an HF-format model folder (full) or a PEFT LoRA adapter folder (lora; use it with
+    `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`).
+
+    Args:
+        checkpoint: HF-format checkpoint folder to start from (its tokenizer renders the data).
+        data: Instruction data: JSONL or JSON list of Alpaca records (instruction, input, output), chat records
+            (messages with roles), Self-Instruct seed tasks (instruction, instances) or prompt/completion and
+            question/answer pairs.
+        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
+        method: full (every weight trains) or lora (low-rank adapters; the base stays frozen).
+        lora: LoRA options (with --method lora).
+        train: Training options; train.seq_len is the longest example (longer ones are cut, and counted).
+        val_data: A separate held-out file (instead of holding out --val-fraction of --data).
+        val_fraction: Share of the examples held out for the validation loss.
+        template: auto (the tokenizer's chat template if it has one, else Alpaca), chat, or alpaca.
+        pack: Pack several examples into each training sequence (attention stays within each example).
+        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
+    """
+    from llmlab.finetune import finetune as _finetune
+
+    return _finetune(checkpoint, data, out, method=method, config=train, lora=lora, val_data=val_data,
+                     val_fraction=val_fraction, template=template, pack=pack, resume=resume)
+
+
+def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = None) -> Path:
+    """Fold a LoRA adapter into its base checkpoint: an HF-format folder that needs no adapter (no extra latency).
+
+    Args:
+        checkpoint: The base HF-format checkpoint folder the adapter was trained on.
+        adapter: A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+        out: The merged checkpoint folder to write (replaced atomically if it exists).
+        dtype: Weight dtype to store (float32, bfloat16, float16); default: the base checkpoint's.
+    """
+    from llmlab.finetune import merge as _merge
+
+    path = _merge(checkpoint, adapter, out, dtype)
+    print(f"saved {path}")
+    return path
+
+
+COMMANDS += [finetune, merge]
 
 
 def _underscore_options(argv: list[str]) -> list[str]:

@@ -1,0 +1,70 @@
+"""Fine-tuning a checkpoint on instruction data through the one training loop, and merging LoRA adapters.
+
+`finetune` = load an HF-format checkpoint + its tokenizer, read the instruction data (`llmlab.instruct`), pick
+a method (`METHODS`), and run `llmlab.train.train`. RUN_DIR/final is what the method saves: a full model folder
+(full, freeze, adapter) or a PEFT adapter folder (lora). `merge` folds a LoRA adapter into its base checkpoint.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmlab.args import LoRAConfig, TrainConfig
+from llmlab.errors import LLMLabError
+
+METHODS = ("full", "lora")
+
+
+def make_method(name: str, base_model: str | None = None, lora: LoRAConfig | None = None) -> Any:
+    """The training method called `name`, configured from its option group."""
+    from llmlab.methods import Full, LoRA
+
+    if name == "full":
+        return Full()
+    if name == "lora":
+        return LoRA(lora or LoRAConfig(), base_model=base_model)
+    raise LLMLabError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
+
+
+def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, method: str = "lora",
+             config: TrainConfig | None = None, lora: LoRAConfig | None = None, val_data: str | Path | None = None,
+             val_fraction: float = 0.1, template: str = "auto", pack: bool = False,
+             resume: str | Path | None = "auto") -> Path:
+    """Fine-tune CHECKPOINT on instruction data into RUN_DIR; returns RUN_DIR (final/ when the run finished)."""
+    from llmlab.checkpoint import load_checkpoint
+    from llmlab.instruct import InstructDataset
+    from llmlab.tokenizer import Tokenizer
+    from llmlab.train import train
+
+    cfg = config or TrainConfig()
+    cfg.validate()
+    trainer = make_method(method, str(checkpoint), lora)
+    model = load_checkpoint(checkpoint)
+    if cfg.seq_len > model.config.max_position_embeddings:
+        raise LLMLabError(f"training option seq_len {cfg.seq_len} exceeds the context of {checkpoint} "
+                          f"({model.config.max_position_embeddings}, max_position_embeddings)")
+    tokenizer = Tokenizer.from_folder(checkpoint)
+    dataset = InstructDataset(data, tokenizer, cfg.seq_len, val_fraction=val_fraction, seed=cfg.seed, pack=pack,
+                              template=template, val_path=val_data)
+    print(f"llmlab: {data}: {dataset.stats.summary()}", file=sys.stderr)
+    result = train(model, trainer, dataset, cfg, out, tokenizer=tokenizer, resume=resume)
+    if result.final is not None:
+        print(f"saved {result.final} (step {result.step})", file=sys.stderr)
+    return Path(out)
+
+
+def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Write CHECKPOINT with the LoRA adapter folded into its weights, as an HF-format folder (no adapter needed)."""
+    from llmlab.checkpoint import dtype_from_name, load_checkpoint, save_checkpoint
+    from llmlab.generate import load_generation_config
+    from llmlab.methods.lora import load_adapter, merge_and_unload
+    from llmlab.tokenizer import Tokenizer
+
+    model = load_checkpoint(checkpoint)
+    stored = next(iter(model.state_dict().values())).dtype
+    merge_and_unload(load_adapter(model, adapter))
+    return save_checkpoint(model, out, tokenizer=Tokenizer.from_folder(checkpoint),
+                           dtype=dtype_from_name(dtype) if dtype else stored,
+                           generation=load_generation_config(checkpoint) or None)
