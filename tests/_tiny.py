@@ -42,10 +42,16 @@ def tiny_tokenizer(chat: bool = True) -> Tokenizer:
     return tok
 
 
-def tiny_checkpoint(folder: Path, chat: bool = True, seed: int = 0, preset: str = "tiny") -> Path:
-    """A randomly initialised tiny model (vocab 300) with the tiny tokenizer, saved as an HF-format folder."""
+def tiny_checkpoint(folder: Path, chat: bool = True, seed: int = 0, preset: str = "tiny",
+                    std: float | None = None) -> Path:
+    """A randomly initialised tiny model (vocab 300) with the tiny tokenizer, saved as an HF-format folder.
+
+    A larger init `std` gives the blocks' outputs the scale a trained model's have (what adapters act on)."""
     tok = tiny_tokenizer(chat)
     cfg = ModelConfig.from_name(preset, vocab_size=300)
     cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
     torch.manual_seed(seed)
-    return save_checkpoint(build_model(cfg), folder, tokenizer=tok)
+    model = build_model(cfg)
+    if std is not None:
+        model.init_weights(std)
+    return save_checkpoint(model, folder, tokenizer=tok)

@@ -130,3 +130,39 @@ class LoRAConfig:
         if not 0 <= self.dropout < 1:
             raise LLMLabError(f"LoRA option 'dropout' must be in [0, 1), got {self.dropout!r}")
         self.target_list()
+
+
+@dataclass
+class FreezeConfig:
+    """Options of partial fine-tuning (`--method freeze`): the bottom blocks stay fixed, the top ones train.
+
+    Args:
+        top_blocks: How many of the last transformer blocks train (0: none, only what the options below add).
+        train_norm: Also train the final RMSNorm (model.norm).
+        train_head: Also train the output head (lm_head; with tied embeddings that is the embedding matrix too).
+        modules: More modules to train, by name prefix (e.g. model.embed_tokens, model.layers.0.mlp).
+    """
+
+    top_blocks: int = 2
+    train_norm: bool = True
+    train_head: bool = False
+    modules: list[str] | None = None
+
+
+@dataclass
+class BottleneckConfig:
+    """Options of bottleneck adapters (`--method adapter`): x + up(act(down(x))) after attention and after the MLP.
+
+    Args:
+        dim: Bottleneck width (the down-projection's output size).
+        activation: Nonlinearity between the projections: gelu, silu or relu.
+    """
+
+    dim: int = 16
+    activation: str = "gelu"
+
+    def validate(self) -> None:
+        if not isinstance(self.dim, int) or self.dim <= 0:
+            raise LLMLabError(f"adapter option 'dim' must be a positive integer, got {self.dim!r}")
+        if self.activation not in ("gelu", "silu", "relu"):
+            raise LLMLabError(f"adapter option 'activation' must be gelu, silu or relu, got {self.activation!r}")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from llmlab.args import LoRAConfig, TrainConfig
+from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.errors import LLMLabError
 
 
@@ -72,8 +72,8 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
         dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
-        adapter: A LoRA adapter folder (PEFT format, e.g. RUN_DIR/final of `llmlab finetune --method lora`) to
-            apply on top of the checkpoint, unmerged.
+        adapter: An adapter folder to apply on top of the checkpoint, unmerged: PEFT LoRA (e.g. RUN_DIR/final of
+            `llmlab finetune --method lora`) or llmlab bottleneck adapters (`--method adapter`).
     """
     from llmlab.generate import stream
 
@@ -118,7 +118,7 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
         dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
-        adapter: A LoRA adapter folder (PEFT format) to apply on top of the checkpoint, unmerged.
+        adapter: An adapter folder (PEFT LoRA or llmlab bottleneck) to apply on top of the checkpoint, unmerged.
     """
     from llmlab.generate import ChatSession
 
@@ -165,9 +165,9 @@ def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     model, tokenizer, gen_config = load_for_generation(checkpoint, device=device, dtype=dtype)
     if adapter is not None:
-        from llmlab.methods.lora import load_adapter
+        from llmlab.finetune import apply_adapter
 
-        load_adapter(model, adapter)
+        apply_adapter(model, adapter)
     sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed)
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
@@ -305,13 +305,16 @@ def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd:
 COMMANDS += [plan]
 
 
-def finetune(checkpoint: Path, *, data: Path, out: Path, method: Literal["full", "lora"] = "lora",
-             lora: LoRAConfig = LoRAConfig(), train: TrainConfig = TrainConfig(), val_data: Path | None = None,
+def finetune(checkpoint: Path, *, data: Path, out: Path, method: Literal["full", "freeze", "adapter", "lora"] = "lora",
+             lora: LoRAConfig = LoRAConfig(), freeze: FreezeConfig = FreezeConfig(),
+             bottleneck: BottleneckConfig = BottleneckConfig(), train: TrainConfig = TrainConfig(),
+             val_data: Path | None = None,
              val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
     """Fine-tune a checkpoint on instruction data (loss on the responses only) through the training loop.
 
-    RUN_DIR/final is an HF-format model folder (full) or a PEFT LoRA adapter folder (lora; use it with
-    `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`).
+    RUN_DIR/final is an HF-format model folder (full, freeze), a PEFT LoRA adapter folder (lora; use it with
+    `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`) or a bottleneck adapter
+    folder (adapter; use it with --adapter).
 
     Args:
         checkpoint: HF-format checkpoint folder to start from (its tokenizer renders the data).
@@ -319,8 +322,12 @@ def finetune(checkpoint: Path, *, data: Path, out: Path, method: Literal["full",
             (messages with roles), Self-Instruct seed tasks (instruction, instances) or prompt/completion and
             question/answer pairs.
         out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
-        method: full (every weight trains) or lora (low-rank adapters; the base stays frozen).
+        method: full (every weight trains), freeze (only the top blocks train), adapter (bottleneck adapters after
+            attention and MLP) or lora (low-rank updates W0 + (alpha/r) B A); with adapter and lora the base
+            model stays frozen.
         lora: LoRA options (with --method lora).
+        freeze: Partial fine-tuning options (with --method freeze).
+        bottleneck: Bottleneck adapter options (with --method adapter).
         train: Training options; train.seq_len is the longest example (longer ones are cut, and counted).
         val_data: A separate held-out file (instead of holding out --val-fraction of --data).
         val_fraction: Share of the examples held out for the validation loss.
@@ -330,7 +337,8 @@ def finetune(checkpoint: Path, *, data: Path, out: Path, method: Literal["full",
     """
     from llmlab.finetune import finetune as _finetune
 
-    return _finetune(checkpoint, data, out, method=method, config=train, lora=lora, val_data=val_data,
+    return _finetune(checkpoint, data, out, method=method, config=train, lora=lora, freeze=freeze,
+                     bottleneck=bottleneck, val_data=val_data,
                      val_fraction=val_fraction, template=template, pack=pack, resume=resume)
 
 

@@ -11,25 +11,31 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmlab.args import LoRAConfig, TrainConfig
+from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.errors import LLMLabError
 
-METHODS = ("full", "lora")
+METHODS = ("full", "freeze", "adapter", "lora")
 
 
-def make_method(name: str, base_model: str | None = None, lora: LoRAConfig | None = None) -> Any:
+def make_method(name: str, base_model: str | None = None, lora: LoRAConfig | None = None,
+                freeze: FreezeConfig | None = None, bottleneck: BottleneckConfig | None = None) -> Any:
     """The training method called `name`, configured from its option group."""
-    from llmlab.methods import Full, LoRA
+    from llmlab.methods import Adapter, Freeze, Full, LoRA
 
     if name == "full":
         return Full()
+    if name == "freeze":
+        return Freeze(freeze)
+    if name == "adapter":
+        return Adapter(bottleneck, base_model=base_model)
     if name == "lora":
         return LoRA(lora or LoRAConfig(), base_model=base_model)
     raise LLMLabError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
 
 
 def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, method: str = "lora",
-             config: TrainConfig | None = None, lora: LoRAConfig | None = None, val_data: str | Path | None = None,
+             config: TrainConfig | None = None, lora: LoRAConfig | None = None, freeze: FreezeConfig | None = None,
+             bottleneck: BottleneckConfig | None = None, val_data: str | Path | None = None,
              val_fraction: float = 0.1, template: str = "auto", pack: bool = False,
              resume: str | Path | None = "auto") -> Path:
     """Fine-tune CHECKPOINT on instruction data into RUN_DIR; returns RUN_DIR (final/ when the run finished)."""
@@ -40,7 +46,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, method: 
 
     cfg = config or TrainConfig()
     cfg.validate()
-    trainer = make_method(method, str(checkpoint), lora)
+    trainer = make_method(method, str(checkpoint), lora, freeze, bottleneck)
     model = load_checkpoint(checkpoint)
     if cfg.seq_len > model.config.max_position_embeddings:
         raise LLMLabError(f"training option seq_len {cfg.seq_len} exceeds the context of {checkpoint} "
@@ -55,6 +61,21 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, method: 
     return Path(out)
 
 
+def apply_adapter(model: Any, folder: str | Path) -> Any:
+    """Put the adapter of `folder` (a PEFT LoRA folder or an llmlab bottleneck adapter folder) on `model`, unmerged."""
+    import json
+
+    from llmlab.methods.adapter import ADAPTER_TYPE, load_adapters
+    from llmlab.methods.lora import ADAPTER_CONFIG, load_adapter
+
+    path = Path(folder) / ADAPTER_CONFIG
+    try:
+        kind = json.loads(path.read_text()).get("adapter_type") if path.is_file() else None
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise LLMLabError(f"{path}: not a JSON object: {e}") from e
+    return load_adapters(model, folder) if kind == ADAPTER_TYPE else load_adapter(model, folder)
+
+
 def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     """Write CHECKPOINT with the LoRA adapter folded into its weights, as an HF-format folder (no adapter needed)."""
     from llmlab.checkpoint import dtype_from_name, load_checkpoint, save_checkpoint
@@ -62,6 +83,10 @@ def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: s
     from llmlab.methods.lora import load_adapter, merge_and_unload
     from llmlab.tokenizer import Tokenizer
 
+    if (Path(adapter) / "adapter_config.json").is_file() and '"bottleneck"' in (Path(adapter) /
+                                                                                 "adapter_config.json").read_text():
+        raise LLMLabError(f"{adapter} holds bottleneck adapters, which are nonlinear and cannot be merged into the "
+                          "weights; use it with --adapter instead")
     model = load_checkpoint(checkpoint)
     stored = next(iter(model.state_dict().values())).dtype
     merge_and_unload(load_adapter(model, adapter))

@@ -11,8 +11,10 @@ Pretraining and full fine-tuning use `Full`; partial fine-tuning, adapters, LoRA
 are further subclasses.
 """
 
+from llmlab.methods.adapter import Adapter
 from llmlab.methods.base import IGNORE_INDEX, Method, next_token_loss, state_dict_to_model
+from llmlab.methods.freeze import Freeze
 from llmlab.methods.full import Full
 from llmlab.methods.lora import LoRA
 
-__all__ = ["IGNORE_INDEX", "Full", "LoRA", "Method", "next_token_loss", "state_dict_to_model"]
+__all__ = ["IGNORE_INDEX", "Adapter", "Freeze", "Full", "LoRA", "Method", "next_token_loss", "state_dict_to_model"]
