@@ -9,10 +9,13 @@ from pathlib import Path
 
 import torch
 
-from llmlab.checkpoint import save_checkpoint
+from llmlab.args import TrainConfig
+from llmlab.checkpoint import load_checkpoint, save_checkpoint
 from llmlab.config import ModelConfig
+from llmlab.instruct import InstructDataset
 from llmlab.model import build_model
 from llmlab.tokenizer import Tokenizer, train_bpe_tokenizer
+from llmlab.train import Env, build_optimizer, train_step
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -55,3 +58,17 @@ def tiny_checkpoint(folder: Path, chat: bool = True, seed: int = 0, preset: str 
     if std is not None:
         model.init_weights(std)
     return save_checkpoint(model, folder, tokenizer=tok)
+
+
+def changed_after_steps(ckpt: Path, data: Path, method, steps: int = 2) -> tuple[set[str], set[str]]:
+    """(names of parameters that changed, names the method trains) after `steps` optimizer steps."""
+    model = method.prepare(load_checkpoint(ckpt).train())
+    named = method.trainable_parameters(model)
+    cfg = TrainConfig(lr=1e-2, weight_decay=0.0)
+    optimizer = build_optimizer(named, cfg, Env())
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ds = InstructDataset(data, Tokenizer.from_folder(ckpt), 64)
+    for i in range(steps):
+        train_step(model, method, optimizer, [p for _, p in named], [ds.train_batch(4 * i, 4)])
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    return changed, {n for n, _ in named}

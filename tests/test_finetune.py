@@ -79,7 +79,7 @@ def test_full_finetune_lowers_held_out_loss(setup: tuple[Path, Path], tmp_path: 
 
 def test_finetune_errors(setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     ckpt, data = setup
-    with pytest.raises(LLMLabError, match="--method must be one of full, freeze, adapter, lora"):
+    with pytest.raises(LLMLabError, match="--method must be one of full, freeze, adapter, lora, qlora"):
         make_method("dora")
     assert main(["finetune", str(ckpt), "--data", str(data), "--out", str(tmp_path / "r"),
                  "--lora.targets", "q,lm_head"]) == 2

@@ -14,14 +14,11 @@ from llmlab.checkpoint import load_checkpoint
 from llmlab.cli import main
 from llmlab.errors import LLMLabError
 from llmlab.finetune import apply_adapter, finetune
-from llmlab.instruct import InstructDataset
 from llmlab.methods import Adapter, Freeze
 from llmlab.metrics import read_metrics
-from llmlab.tokenizer import Tokenizer
-from llmlab.train import Env, build_optimizer, train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import task_records, tiny_checkpoint, write_jsonl  # noqa: E402
+from _tiny import changed_after_steps, task_records, tiny_checkpoint, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +26,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     folder = tmp_path_factory.mktemp("methods")
     # init std 0.2: block outputs at a trained model's scale (a bottleneck adapter reads them)
     return tiny_checkpoint(folder / "base", std=0.2), write_jsonl(folder / "task.jsonl", task_records(80))
-
-
-def changed_after_steps(ckpt: Path, data: Path, method, steps: int = 2) -> tuple[set[str], set[str]]:
-    """(names of parameters that changed, names the method trains) after `steps` optimizer steps."""
-    model = method.prepare(load_checkpoint(ckpt).train())
-    named = method.trainable_parameters(model)
-    cfg = TrainConfig(lr=1e-2, weight_decay=0.0)
-    optimizer = build_optimizer(named, cfg, Env())
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ds = InstructDataset(data, Tokenizer.from_folder(ckpt), 64)
-    for i in range(steps):
-        train_step(model, method, optimizer, [p for _, p in named], [ds.train_batch(4 * i, 4)])
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    return changed, {n for n, _ in named}
 
 
 def test_freeze_changes_exactly_the_top_blocks_norm_and_named_modules(setup: tuple[Path, Path]) -> None:

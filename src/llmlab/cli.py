@@ -305,16 +305,17 @@ def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd:
 COMMANDS += [plan]
 
 
-def finetune(checkpoint: Path, *, data: Path, out: Path, method: Literal["full", "freeze", "adapter", "lora"] = "lora",
-             lora: LoRAConfig = LoRAConfig(), freeze: FreezeConfig = FreezeConfig(),
+def finetune(checkpoint: Path, *, data: Path, out: Path,
+             method: Literal["full", "freeze", "adapter", "lora", "qlora"] = "lora", lora: LoRAConfig = LoRAConfig(),
+             freeze: FreezeConfig = FreezeConfig(),
              bottleneck: BottleneckConfig = BottleneckConfig(), train: TrainConfig = TrainConfig(),
              val_data: Path | None = None,
              val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
     """Fine-tune a checkpoint on instruction data (loss on the responses only) through the training loop.
 
-    RUN_DIR/final is an HF-format model folder (full, freeze), a PEFT LoRA adapter folder (lora; use it with
-    `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`) or a bottleneck adapter
-    folder (adapter; use it with --adapter).
+    RUN_DIR/final is an HF-format model folder (full, freeze), a PEFT LoRA adapter folder (lora, qlora; use it
+    with `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`) or a bottleneck
+    adapter folder (adapter; use it with --adapter).
 
     Args:
         checkpoint: HF-format checkpoint folder to start from (its tokenizer renders the data).
@@ -323,9 +324,9 @@ def finetune(checkpoint: Path, *, data: Path, out: Path, method: Literal["full",
             question/answer pairs.
         out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
         method: full (every weight trains), freeze (only the top blocks train), adapter (bottleneck adapters after
-            attention and MLP) or lora (low-rank updates W0 + (alpha/r) B A); with adapter and lora the base
-            model stays frozen.
-        lora: LoRA options (with --method lora).
+            attention and MLP), lora (low-rank updates W0 + (alpha/r) B A) or qlora (lora on a base whose block
+            weights are 4-bit NF4 via bitsandbytes); with adapter, lora and qlora the base model stays frozen.
+        lora: LoRA options (with --method lora or qlora).
         freeze: Partial fine-tuning options (with --method freeze).
         bottleneck: Bottleneck adapter options (with --method adapter).
         train: Training options; train.seq_len is the longest example (longer ones are cut, and counted).

@@ -2,7 +2,8 @@
 
 `finetune` = load an HF-format checkpoint + its tokenizer, read the instruction data (`llmlab.instruct`), pick
 a method (`METHODS`), and run `llmlab.train.train`. RUN_DIR/final is what the method saves: a full model folder
-(full, freeze, adapter) or a PEFT adapter folder (lora). `merge` folds a LoRA adapter into its base checkpoint.
+(full, freeze), an adapter folder (adapter) or a PEFT LoRA folder (lora, qlora). `merge` folds a LoRA adapter into
+its base checkpoint.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from typing import Any
 from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.errors import LLMLabError
 
-METHODS = ("full", "freeze", "adapter", "lora")
+METHODS = ("full", "freeze", "adapter", "lora", "qlora")
 
 
 def make_method(name: str, base_model: str | None = None, lora: LoRAConfig | None = None,
                 freeze: FreezeConfig | None = None, bottleneck: BottleneckConfig | None = None) -> Any:
     """The training method called `name`, configured from its option group."""
     from llmlab.methods import Adapter, Freeze, Full, LoRA
+    from llmlab.methods.qlora import QLoRA
 
     if name == "full":
         return Full()
@@ -30,6 +32,8 @@ def make_method(name: str, base_model: str | None = None, lora: LoRAConfig | Non
         return Adapter(bottleneck, base_model=base_model)
     if name == "lora":
         return LoRA(lora or LoRAConfig(), base_model=base_model)
+    if name == "qlora":
+        return QLoRA(lora or LoRAConfig(), base_model=base_model)
     raise LLMLabError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
 
 

@@ -65,8 +65,12 @@ class LoRALinear(nn.Module):
         """scale * B A of one target: the update of its rows of the weight, in fp32."""
         return self.scale[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
 
+    def base_forward(self, x: Tensor) -> Tensor:
+        """W0 x + b (QLoRA overrides it with the 4-bit matmul)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base_forward(x)
         if self.merged:
             return y
         xd = F.dropout(x, self.dropout, self.training) if self.dropout else x
@@ -101,8 +105,9 @@ def _slices(model: nn.Module, fused: str) -> list[tuple[int, int]]:
     return [(0, out)]
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig, ranks: dict[str, int] | None = None) -> nn.Module:
-    """Wrap the targeted projections of every block in `LoRALinear`, in place; returns the model.
+def apply_lora(model: nn.Module, config: LoRAConfig, ranks: dict[str, int] | None = None,
+               cls: type[LoRALinear] = LoRALinear) -> nn.Module:
+    """Wrap the targeted projections of every block in `cls` (LoRALinear), in place; returns the model.
 
     `ranks` (target -> r) overrides config.r per target (adapters read from files give their own shapes).
     """
@@ -124,7 +129,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, ranks: dict[str, int] | Non
             spans = _slices(model, fused)
             names = [t for t in LORA_TARGETS if _MODULE_OF[t][1] == fused]
             slices = {t: spans[_MODULE_OF[t][2]] for t in names if t in group}
-            setattr(parent, fused, LoRALinear(base, slices, group, config.alpha, config.dropout, config.rslora))
+            setattr(parent, fused, cls(base, slices, group, config.alpha, config.dropout, config.rslora))
     model.lora_config = config
     return model
 
