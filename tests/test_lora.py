@@ -24,7 +24,7 @@ from llmlab.methods.lora import (
 )
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import tiny_checkpoint  # noqa: E402
+from _tiny import task_records, tiny_checkpoint, write_jsonl  # noqa: E402
 
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -137,3 +137,32 @@ def test_bad_targets_and_foreign_adapters(ckpt: Path, tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_dora": True}))
     with pytest.raises(LLMLabError, match="does not support: {'use_dora': True}"):
         load_adapter(load_checkpoint(ckpt), tmp_path / "adapter")
+
+
+@pytest.mark.slow
+def test_peft_parity_on_the_default_model(default_ckpt: Path, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    model = apply_lora(load_checkpoint(default_ckpt), LoRAConfig(r=8, alpha=16.0, targets="all"))
+    randomize([p for _, p in adapter_params(model)])
+    LoRA(model.lora_config, base_model=str(default_ckpt)).save(model.eval(), tmp_path / "adapter")
+    peft = PeftModel.from_pretrained(hf_model(default_ckpt), tmp_path / "adapter").eval()
+    x = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), peft(x).logits, atol=1e-4, rtol=1e-5)
+
+
+def test_lora_run_resumes_exactly(ckpt: Path, tmp_path: Path) -> None:
+    from llmlab.args import TrainConfig
+    from llmlab.finetune import finetune
+    from llmlab.metrics import read_metrics
+    data = write_jsonl(tmp_path / "t.jsonl", task_records(40))
+    cfg = dict(lr=1e-2, max_steps=6, warmup_steps=1, batch_size=4, seq_len=64, eval_every=0, eval_batches=1,
+               save_every=3, log_every=1)
+    lora = LoRAConfig(r=4, targets="q,v,gate", dropout=0.1)
+    finetune(ckpt, data, tmp_path / "a", config=TrainConfig(**cfg), lora=lora)
+    finetune(ckpt, data, tmp_path / "b", config=TrainConfig(**cfg, stop_at=3), lora=lora)
+    assert (tmp_path / "b" / "checkpoints" / "step-000003" / "adapter_config.json").is_file()
+    finetune(ckpt, data, tmp_path / "b", config=TrainConfig(**cfg), lora=lora)
+    losses = [{r["step"]: r["loss"] for r in read_metrics(tmp_path / d) if r.get("loss") is not None} for d in "ab"]
+    assert losses[1][6] == pytest.approx(losses[0][6], rel=1e-5)
