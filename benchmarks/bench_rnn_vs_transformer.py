@@ -9,7 +9,8 @@ Two measurements, written as a markdown table and a PNG plot (docs/rnn-vs-transf
    At equal tokens per batch a flat curve means a cost linear in T per sequence; a rising one a quadratic term.
 2. Validation loss at equal training time on Tiny Shakespeare (8192-token BPE, as examples/ prepares it): each
    model trains through the one loop (`llmlab.train.train`) for the number of steps its measured step time fits
-   into --minutes; the plot shows validation loss against the loop's elapsed time.
+   into --minutes; the plot shows validation loss against training time (the loop's per-step throughput summed,
+   validation passes excluded).
 
     python benchmarks/bench_rnn_vs_transformer.py                        # full grid, 3 minutes each
     python benchmarks/bench_rnn_vs_transformer.py --seq-lens 64 256 1024 --minutes 1
@@ -141,26 +142,29 @@ def equal_time(args: argparse.Namespace, step_s: dict[str, float], work: Path) -
         steps = max(10, int(args.minutes * 60 / step_s[variant]))
         cfg = TrainConfig(lr=LR[arch], warmup_steps=max(1, steps // 10), max_steps=steps,
                           batch_size=max(1, args.tokens_per_batch // T), seq_len=T, eval_every=max(1, steps // 5),
-                          eval_batches=8, save_every=0, keep_last=1, log_every=max(1, steps // 20), seed=0,
+                          eval_batches=4, save_every=0, keep_last=1, log_every=1, seed=0,
                           device=args.device, precision=args.precision)
         ds = TokenDataset(data, T, 0)
         model, method = build(arch, preset, T)
         print(f"{variant}: {steps} steps of {cfg.batch_size}x{T} tokens (~{args.minutes} min)", flush=True)
         result = train(model, method, ds, cfg, work / variant, tokenizer=ds.tokenizer(), resume="no")
-        rows = read_metrics(work / variant)
-        curve = [(r["elapsed_s"] or 0.0, r["val_loss"]) for r in rows if r["val_loss"] is not None]
+        curve, seconds, seen = [], 0.0, 0
+        for r in sorted(read_metrics(work / variant), key=lambda r: r["step"]):
+            if r["tokens_per_s"]:  # the loop's throughput of each step, validation passes excluded
+                seconds += (r["tokens"] - seen) / r["tokens_per_s"]
+                seen = r["tokens"]
+            if r["val_loss"] is not None:
+                curve.append((seconds, r["val_loss"]))
         out[variant] = {"steps": result.step, "tokens": result.step * cfg.batch_size * T, "lr": cfg.lr,
-                        "elapsed_s": max(r["elapsed_s"] or 0.0 for r in rows), "curve": curve,
+                        "elapsed_s": seconds, "curve": curve,
                         "val_start": result.val_losses[0], "val_end": result.val_losses[result.step]}
     return out
 
 
-def slope(rows: list[dict], variant: str, key: str) -> float:
-    """Log-log slope of the per-sequence cost of `key` between the two longest sequence lengths (1 linear, 2 quad)."""
-    pts = sorted((r["seq_len"], r) for r in rows if r["variant"] == variant)[-2:]
-    (t1, a), (t2, b) = pts
-    per_seq = {"time": lambda r: r["step_s"] / r["batch"], "memory": lambda r: max(r["peak_bytes"], 1) / r["batch"]}
-    return math.log(per_seq[key](b) / per_seq[key](a)) / math.log(t2 / t1)
+def time_exponent(rows: list[dict], variant: str) -> float:
+    """k in (time per sequence) ~ T^k between the two longest sequence lengths: 1 = linear, 2 = quadratic."""
+    (t1, a), (t2, b) = sorted((r["seq_len"], r) for r in rows if r["variant"] == variant)[-2:]
+    return math.log((b["step_s"] / b["batch"]) / (a["step_s"] / a["batch"])) / math.log(t2 / t1)
 
 
 def write_report(args: argparse.Namespace, rows: list[dict], runs: dict[str, dict] | None, seconds: float,
@@ -179,7 +183,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], runs: dict[str, dic
         axes[0].plot(lens, [r["tokens_per_s"] for r in mine], "o-", label=variant)
         axes[1].plot(lens, [max(r["peak_bytes"], 1) / 2**20 for r in mine], "o-", label=variant)
     for ax, title in zip(axes[:2], ("training tokens/s", "peak memory (MiB)")):
-        ax.set(xscale="log", yscale="log", xlabel=f"sequence length T ({args.tokens_per_batch} tokens per batch)",
+        ax.set(xscale="log", ylim=(0, None), xlabel=f"sequence length T ({args.tokens_per_batch} tokens per batch)",
                title=title)
         ax.set_xticks(args.seq_lens, [str(t) for t in args.seq_lens])
         ax.legend()
@@ -188,7 +192,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], runs: dict[str, dic
         for variant, run in runs.items():
             xs, ys = zip(*run["curve"])
             axes[2].plot([x / 60 for x in xs], ys, "o-", label=f"{variant} ({run['steps']} steps)")
-        axes[2].set(xlabel="training time (min, the loop's elapsed_s)", ylabel="validation loss",
+        axes[2].set(xlabel="training time (min, validation passes excluded)", ylabel="validation loss",
                     title="Tiny Shakespeare, equal training time")
         axes[2].legend()
         axes[2].grid(alpha=0.3)
@@ -207,7 +211,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], runs: dict[str, dic
         "python benchmarks/bench_rnn_vs_transformer.py " + " ".join(sys.argv[1:]),
         "```",
         "",
-        f"Device: {device}, {args.threads or 'default'} torch threads, precision {args.precision}; "
+        f"Device: {device}, torch threads: {args.threads or 'default'}, precision {args.precision}; "
         f"total run {seconds / 60:.1f} min. Models: lstm-10m ({params['lstm'] / 1e6:.1f}M parameters: 3 LSTM "
         f"layers, hidden 512, tied embeddings) and micro-10m ({params['llama-sdpa'] / 1e6:.1f}M: 6 LLaMA blocks, "
         "hidden 320, tied embeddings), both with an 8192-token vocabulary.",
@@ -230,19 +234,25 @@ def write_report(args: argparse.Namespace, rows: list[dict], runs: dict[str, dic
         batch = next(iter(cells.values()))["batch"]
         lines.append(f"| {T} | {batch} | " + " | ".join(
             f"{cells[v]['tokens_per_s']:,.0f} | {cells[v]['peak_bytes'] / 2**20:,.0f}" for v in VARIANTS) + " |")
-    t1, t2 = sorted(args.seq_lens)[-2:]
-    lines += ["", f"Growth per sequence between T={t1} and T={t2}, as the exponent k of cost ~ T^k (1 = linear, "
-              "2 = quadratic):", "",
-              "| model | time per sequence | memory per sequence |", "|---|---|---|"]
+    t0, t1, t2 = min(args.seq_lens), *sorted(args.seq_lens)[-2:]
+    lines += ["", "The weights, AdamW state and logits take the same memory at every T (equal tokens), so what "
+              f"grows is the part that depends on T. Growth from T={t0} to T={t2} at equal tokens per batch, and "
+              f"the exponent k of time per sequence ~ T^k between T={t1} and T={t2} (1 = linear, 2 = quadratic):", "",
+              f"| model | tokens/s at T={t2} / at T={t0} | extra peak memory at T={t2} (MiB) | k (time) |",
+              "|---|---|---|---|"]
     for v in VARIANTS:
-        lines.append(f"| {v} | {slope(rows, v, 'time'):.2f} | {slope(rows, v, 'memory'):.2f} |")
+        cell = {r["seq_len"]: r for r in rows if r["variant"] == v}
+        lines.append(f"| {v} | {cell[t2]['tokens_per_s'] / cell[t0]['tokens_per_s']:.2f} | "
+                     f"{(cell[t2]['peak_bytes'] - cell[t0]['peak_bytes']) / 2**20:+,.0f} | "
+                     f"{time_exponent(rows, v):.2f} |")
     if runs:
         lines += ["", f"## Validation loss at equal training time ({args.minutes} min each)", "",
                   f"Tiny Shakespeare ({args.data}), 8192-token BPE trained on it, 10% held out; batches of "
                   f"{args.tokens_per_batch // args.train_seq_len} x {args.train_seq_len} tokens; steps = the minutes "
                   "divided by the step time measured above at that T; warmup 10% then cosine; each architecture at "
-                  "its usual learning rate. The loop's elapsed time includes its validation passes.", "",
-                  "| model | LR | steps | tokens | elapsed (s) | val loss start | val loss end |",
+                  "its usual learning rate. Training time: the loop's own per-step throughput summed, validation "
+                  "passes excluded.", "",
+                  "| model | LR | steps | tokens | training time (s) | val loss start | val loss end |",
                   "|---|---|---|---|---|---|---|"]
         for v, r in runs.items():
             lines.append(f"| {v} | {r['lr']:g} | {r['steps']} | {r['tokens']:,} | {r['elapsed_s']:.0f} | "
