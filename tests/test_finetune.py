@@ -36,6 +36,7 @@ def ids() -> torch.Tensor:
     return torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.slow
 def test_lora_cli_finetune_merge_generate(setup: tuple[Path, Path], tmp_path: Path,
                                            capsys: pytest.CaptureFixture) -> None:
     ckpt, data = setup
@@ -65,6 +66,7 @@ def test_lora_cli_finetune_merge_generate(setup: tuple[Path, Path], tmp_path: Pa
     assert with_adapter.startswith("The")  # every response of the task starts so
 
 
+@pytest.mark.slow
 def test_full_finetune_lowers_held_out_loss(setup: tuple[Path, Path], tmp_path: Path) -> None:
     from llmlab.args import TrainConfig
 

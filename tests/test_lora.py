@@ -152,6 +152,7 @@ def test_peft_parity_on_the_default_model(default_ckpt: Path, tmp_path: Path) ->
         torch.testing.assert_close(model(x), peft(x).logits, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_exactly(ckpt: Path, tmp_path: Path) -> None:
     from llmlab.args import TrainConfig
     from llmlab.finetune import finetune
