@@ -37,6 +37,15 @@ VARIANTS = {  # name: (arch, preset, attention backend)
     "llama-math": ("llama", "micro-10m", "math"),
     "llama-sdpa": ("llama", "micro-10m", "default"),
 }
+READING = (
+    "Reading it: at equal tokens per batch a flat curve is a cost linear in T per sequence. The LSTM's memory and "
+    "time per token stay about flat (each step carries only a (batch, hidden) state). With math attention the "
+    "LLaMA's extra memory grows in proportion to T (the batch x heads x T x T attention probabilities kept for the "
+    "backward pass: quadratic per sequence) and its tokens/s falls. Flash attention removes the quadratic memory "
+    "but not the quadratic FLOPs, so its tokens/s still falls, more slowly. Not measured here: on a GPU the "
+    "Transformer runs all T positions in parallel while the LSTM's T steps run one after another, which is the "
+    "sequential-vs-parallel half of the argument; on a CPU core there is little parallelism to lose."
+)
 LR = {"lstm": 2e-3, "llama": 1e-3}  # each architecture at its usual Adam learning rate for this size
 
 
@@ -245,6 +254,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], runs: dict[str, dic
         lines.append(f"| {v} | {cell[t2]['tokens_per_s'] / cell[t0]['tokens_per_s']:.2f} | "
                      f"{(cell[t2]['peak_bytes'] - cell[t0]['peak_bytes']) / 2**20:+,.0f} | "
                      f"{time_exponent(rows, v):.2f} |")
+    lines += ["", READING]
     if runs:
         lines += ["", f"## Validation loss at equal training time ({args.minutes} min each)", "",
                   f"Tiny Shakespeare ({args.data}), 8192-token BPE trained on it, 10% held out; batches of "
