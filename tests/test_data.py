@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _corpus import make_text
 
 from llmlab.data import BLOCK_CHARS, TokenDataset, prepare, token_dtype
 from llmlab.errors import LLMLabError
 from llmlab.tokenizer import Tokenizer, train_bpe_tokenizer
-
-
-def make_text(n_lines: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    animals, verbs, things = ["cat", "dog", "fox", "owl"], ["sees", "likes", "eats"], ["fish", "corn", "a hat"]
-    return "".join(f"the {rng.choice(animals)} {rng.choice(verbs)} {rng.choice(things)}.\n" for _ in range(n_lines))
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def test_bf16_compiled_decode_equals_eager():
 
 
 def test_bf16_training_on_cuda_learns(tmp_path):
-    from test_train import make_text
+    from _corpus import make_text
 
     from llmlab.args import TrainConfig
     from llmlab.data import TokenDataset, prepare

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
+from _corpus import make_text
 
 from llmlab.cli import main
 from llmlab.data import TokenDataset, prepare
@@ -15,13 +15,6 @@ from llmlab.errors import LLMLabError
 from llmlab.metrics import read_metrics
 from llmlab.rnn import FullLSTM, LSTMConfig, build_lstm, load_lstm, save_lstm
 from llmlab.train import TrainConfig, checkpoints, pretrain, train
-
-
-def make_text(n_lines: int, seed: int = 0) -> str:
-    """Short sentences over a tiny vocabulary: something an LSTM learns in a few dozen steps."""
-    rng = random.Random(seed)
-    animals, verbs, things = ["cat", "dog", "fox", "owl"], ["sees", "likes", "eats"], ["fish", "corn", "a hat"]
-    return "".join(f"the {rng.choice(animals)} {rng.choice(verbs)} {rng.choice(things)}.\n" for _ in range(n_lines))
 
 
 @pytest.fixture(scope="module")

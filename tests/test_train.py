@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _corpus import make_text
 
 from llmlab.checkpoint import load_checkpoint
 from llmlab.cli import main
@@ -23,13 +23,6 @@ from llmlab.methods import Full
 from llmlab.metrics import read_metrics
 from llmlab.model import build_model
 from llmlab.train import TrainConfig, build_optimizer, checkpoints, lr_at, pretrain, setup_env, train
-
-
-def make_text(n_lines: int, seed: int = 0) -> str:
-    """A corpus with structure to learn: short sentences over a tiny vocabulary."""
-    rng = random.Random(seed)
-    animals, verbs, things = ["cat", "dog", "fox", "owl"], ["sees", "likes", "eats"], ["fish", "corn", "a hat"]
-    return "".join(f"the {rng.choice(animals)} {rng.choice(verbs)} {rng.choice(things)}.\n" for _ in range(n_lines))
 
 
 @pytest.fixture(scope="module")
