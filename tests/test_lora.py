@@ -128,9 +128,23 @@ def test_bad_targets_and_foreign_adapters(ckpt: Path, tmp_path: Path) -> None:
     other = tiny_checkpoint(tmp_path / "other", preset="tiny-mha")
     model = lora_model(other)
     LoRA(model.lora_config, base_model="someone/tiny-mha").save(model, tmp_path / "adapter")
+    with pytest.raises(LLMLabError, match=r"made for another base model \('someone/tiny-mha'\)"):
+        load_adapter(load_checkpoint(ckpt), tmp_path / "adapter")
+    # without llmlab's base probe (as PEFT writes them) the shapes tell
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file(load_file(weights), weights, metadata={"format": "pt"})
     with pytest.raises(LLMLabError, match=r"does not fit this model: wrong shape .*made for base model "
                                           r"'someone/tiny-mha'"):
         load_adapter(load_checkpoint(ckpt), tmp_path / "adapter")
+    # an adapter made for a model of the same shape but other weights
+    twin = tiny_checkpoint(tmp_path / "twin", seed=1)
+    model = lora_model(twin)
+    LoRA(model.lora_config, base_model="someone/twin").save(model, tmp_path / "twin-adapter")
+    with pytest.raises(LLMLabError, match=r"made for another base model \('someone/twin'\): its embeddings differ"):
+        load_adapter(load_checkpoint(ckpt), tmp_path / "twin-adapter")
+    load_adapter(load_checkpoint(twin, dtype=torch.bfloat16), tmp_path / "twin-adapter")  # its own base, any dtype
     with pytest.raises(LLMLabError, match="no adapter_config.json"):
         load_adapter(load_checkpoint(ckpt), tmp_path)
     cfg_path = tmp_path / "adapter" / "adapter_config.json"

@@ -72,6 +72,8 @@ def test_method_lowers_held_out_loss(setup: tuple[Path, Path], tmp_path: Path, m
         model = apply_adapter(load_checkpoint(ckpt), final)
         assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".adapter_up." in n)
         assert main(["merge", str(ckpt), str(final), "--out", str(tmp_path / "m")]) == 2
+        with pytest.raises(LLMLabError, match="made for another base model"):
+            apply_adapter(load_checkpoint(tiny_checkpoint(tmp_path / "other", seed=5)), final)
 
 
 def test_resume_of_an_adapter_run(setup: tuple[Path, Path], tmp_path: Path) -> None:

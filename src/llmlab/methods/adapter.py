@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from llmlab.args import BottleneckConfig
 from llmlab.errors import LLMLabError
 from llmlab.methods.base import Method
+from llmlab.methods.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROBE_KEY, base_probe, check_base, read_safetensors
 
 ADAPTER_TYPE = "bottleneck"
 _ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
@@ -74,16 +75,14 @@ def set_trainable(model: nn.Module) -> None:
 
 def save_adapters(folder: str | Path, tensors: dict[str, Tensor], config: BottleneckConfig,
                   base_model: str | None = None, tokenizer: Any = None,
-                  extra_files: Callable[[Path], None] | None = None) -> Path:
+                  extra_files: Callable[[Path], None] | None = None, probe: str | None = None) -> Path:
     """Write an adapter folder atomically (the names are the same in llmlab and HF naming)."""
     from safetensors.torch import save_file
 
     from llmlab.checkpoint import atomic_folder, write_json
-    from llmlab.methods.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-
     with atomic_folder(folder) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
+                  metadata={"format": "pt", **({PROBE_KEY: probe} if probe else {})})
         write_json(tmp / ADAPTER_CONFIG, {"adapter_type": ADAPTER_TYPE, "library": "llmlab", "dim": config.dim,
                                           "activation": config.activation, "base_model_name_or_path": base_model})
         if tokenizer is not None:
@@ -94,8 +93,7 @@ def save_adapters(folder: str | Path, tensors: dict[str, Tensor], config: Bottle
 
 
 def read_adapters(folder: str | Path) -> tuple[BottleneckConfig, dict[str, Any], dict[str, Tensor]]:
-    from llmlab.methods.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, _read_safetensors
-
+    """(config, raw adapter_config.json + `_metadata` of the weights file, tensors) of a bottleneck adapter folder."""
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG
     try:
@@ -106,12 +104,14 @@ def read_adapters(folder: str | Path) -> tuple[BottleneckConfig, dict[str, Any],
         raise LLMLabError(f"{path}: not a bottleneck adapter (adapter_type '{ADAPTER_TYPE}')")
     config = BottleneckConfig(dim=int(raw.get("dim", 0)), activation=str(raw.get("activation", "gelu")))
     config.validate()
-    return config, raw, _read_safetensors(folder / ADAPTER_WEIGHTS)
+    tensors, raw["_metadata"] = read_safetensors(folder / ADAPTER_WEIGHTS, with_metadata=True)
+    return config, raw, tensors
 
 
 def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     """Put the bottleneck adapters of `folder` on `model`; checks they fit it."""
     config, raw, tensors = read_adapters(folder)
+    check_base(model, raw["_metadata"], folder, raw.get("base_model_name_or_path"))
     apply_adapters(model, config)
     expected = dict(adapter_params(model))
     bad = sorted(set(expected) ^ set(tensors)) + sorted(k for k in set(expected) & set(tensors)
@@ -149,7 +149,7 @@ class Adapter(Method):
         names = {n for n, _ in adapter_params(model)}
         source = state_dict if state_dict is not None else model.state_dict()
         return save_adapters(folder, {k: v for k, v in source.items() if k in names}, self.config,
-                             self.base_model, tokenizer, extra_files)
+                             self.base_model, tokenizer, extra_files, base_probe(source))
 
     def load_state(self, model: nn.Module, folder: Path) -> dict[str, Tensor]:
         return read_adapters(folder)[2]

@@ -8,8 +8,9 @@ that slice of the output), so each adapted slice is exactly one of PEFT's per-pr
 
 On disk an adapter is a PEFT folder: adapter_config.json (peft_type LORA) + adapter_model.safetensors with PEFT's
 key names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), written atomically, so PEFT loads
-what llmlab saves and the other way round. `merge_lora` folds B A into W0 for inference without extra latency;
-`unmerge_lora` takes it out again.
+what llmlab saves and the other way round. The weights file's metadata (ignored by PEFT) also records a few
+embedding values of the base model, so an adapter put on another base of the same shape is refused.
+`merge_lora` folds B A into W0 for inference without extra latency; `unmerge_lora` takes it out again.
 """
 
 from __future__ import annotations
@@ -178,6 +179,30 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 # -- PEFT files --------------------------------------------------------------------------------------
+PROBE_KEY = "llmlab_base_probe"  # safetensors metadata (PEFT ignores it): a few embedding values of the base
+
+
+def base_probe(state_dict: dict[str, Tensor]) -> str:
+    """16 values spread over the base model's embedding matrix, as JSON: recognises the base an adapter was
+    trained on (same architecture, other weights) at any load dtype. Embeddings are never adapted or quantized."""
+    w = state_dict["model.embed_tokens.weight"].detach()
+    rows = torch.linspace(0, w.shape[0] - 1, 4).long()
+    cols = torch.linspace(0, w.shape[1] - 1, 4).long()
+    return json.dumps([round(float(v), 6) for v in w[rows][:, cols].float().flatten()])
+
+
+def check_base(model: nn.Module, metadata: dict[str, str] | None, folder: str | Path, base: Any) -> None:
+    """Raise when an adapter's recorded base probe does not match `model` (it was trained on another model)."""
+    probe = (metadata or {}).get(PROBE_KEY)
+    if probe is None:
+        return  # adapters from PEFT carry no probe: the shape checks are all there is
+    ours = torch.tensor(json.loads(base_probe({"model.embed_tokens.weight": model.model.embed_tokens.weight})))
+    theirs = torch.tensor(json.loads(probe))
+    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-6):
+        raise LLMLabError(f"{folder}: the adapter was made for another base model ({base!r}): its embeddings "
+                          "differ from this checkpoint's; load it on the checkpoint it was trained from")
+
+
 def to_peft_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """llmlab LoRA tensors (`...qkv_proj.lora_A.q`) -> PEFT keys (`base_model.model...q_proj.lora_A.weight`)."""
     out = {}
@@ -212,15 +237,17 @@ def adapter_config_dict(config: LoRAConfig, base_model: str | None) -> dict[str,
 
 
 def save_adapter(folder: str | Path, tensors: dict[str, Tensor], config: LoRAConfig, base_model: str | None = None,
-                 tokenizer: Any = None, extra_files: Callable[[Path], None] | None = None) -> Path:
-    """Write a PEFT adapter folder atomically from llmlab-named LoRA tensors."""
+                 tokenizer: Any = None, extra_files: Callable[[Path], None] | None = None,
+                 probe: str | None = None) -> Path:
+    """Write a PEFT adapter folder atomically from llmlab-named LoRA tensors (`probe`: see `base_probe`)."""
     from safetensors.torch import save_file
 
     from llmlab.checkpoint import atomic_folder, write_json
 
     peft_sd = {k: v.detach().contiguous().cpu() for k, v in to_peft_names(tensors).items()}
     with atomic_folder(folder) as tmp:
-        save_file(peft_sd, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        metadata = {"format": "pt", **({PROBE_KEY: probe} if probe else {})}
+        save_file(peft_sd, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
         write_json(tmp / ADAPTER_CONFIG, adapter_config_dict(config, base_model))
         if tokenizer is not None:
             tokenizer.save(tmp)
@@ -229,18 +256,21 @@ def save_adapter(folder: str | Path, tensors: dict[str, Tensor], config: LoRACon
     return Path(folder)
 
 
-def _read_safetensors(path: Path) -> dict[str, Tensor]:
+def read_safetensors(path: Path, with_metadata: bool = False) -> Any:
+    """The tensors of a safetensors file (and its metadata, with `with_metadata`)."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
-            return {k: fh.get_tensor(k) for k in fh.keys()}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            return (tensors, fh.metadata() or {}) if with_metadata else tensors
     except (SafetensorError, OSError, ValueError) as e:
         raise LLMLabError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
 
 
 def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, Tensor]]:
-    """(LoRAConfig, raw adapter_config.json, llmlab-named tensors) of a PEFT LoRA folder, checked."""
+    """(LoRAConfig, raw adapter_config.json + `_metadata` of the weights file, llmlab-named tensors) of a PEFT LoRA
+    folder, checked."""
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG
     if not path.is_file():
@@ -261,7 +291,8 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[s
     weights = folder / ADAPTER_WEIGHTS
     if not weights.is_file():
         raise LLMLabError(f"{folder}: no {ADAPTER_WEIGHTS} (llmlab loads safetensors adapters only)")
-    tensors = from_peft_names(_read_safetensors(weights), str(weights))
+    peft_sd, raw["_metadata"] = read_safetensors(weights, with_metadata=True)
+    tensors = from_peft_names(peft_sd, str(weights))
     targets = sorted({k.rsplit(".", 1)[1] for k in tensors}, key=LORA_TARGETS.index)
     if not targets:
         raise LLMLabError(f"{weights}: holds no LoRA tensors")
@@ -274,6 +305,7 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[s
 def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False) -> nn.Module:
     """Wrap `model`'s projections with the LoRA adapter of a PEFT folder (unmerged); checks it fits this model."""
     config, raw, tensors = read_adapter(folder)
+    check_base(model, raw["_metadata"], folder, raw.get("base_model_name_or_path"))
     ranks = {k.rsplit(".", 1)[1]: t.shape[0] for k, t in tensors.items() if ".lora_A." in k}
     apply_lora(model, config, ranks)
     expected = dict(adapter_params(model))
@@ -320,7 +352,7 @@ class LoRA(Method):
         names = {n for n, _ in adapter_params(model)}
         source = state_dict if state_dict is not None else model.state_dict()
         tensors = {k: v for k, v in source.items() if k in names}
-        return save_adapter(folder, tensors, self.config, self.base_model, tokenizer, extra_files)
+        return save_adapter(folder, tensors, self.config, self.base_model, tokenizer, extra_files, base_probe(source))
 
     def load_state(self, model: nn.Module, folder: Path) -> dict[str, Tensor]:
         _, _, tensors = read_adapter(folder)
