@@ -151,6 +151,10 @@ def test_bad_targets_and_foreign_adapters(ckpt: Path, tmp_path: Path) -> None:
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_dora": True}))
     with pytest.raises(LLMLabError, match="does not support: {'use_dora': True}"):
         load_adapter(load_checkpoint(ckpt), tmp_path / "adapter")
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_dora": False,
+                                    "layers_to_transform": [0]}))
+    with pytest.raises(LLMLabError, match=r"does not support: {'layers_to_transform': \[0\]}"):
+        load_adapter(load_checkpoint(ckpt), tmp_path / "adapter")
 
 
 @pytest.mark.slow

@@ -283,7 +283,7 @@ def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[s
         raise LLMLabError(f"{path}: peft_type is {raw.get('peft_type') if isinstance(raw, dict) else raw!r}; "
                           "llmlab loads LORA adapters")
     unsupported = {k: raw[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
-                                       "fan_in_fan_out") if raw.get(k)}
+                                       "fan_in_fan_out", "layers_to_transform") if raw.get(k)}
     if raw.get("bias", "none") != "none":
         unsupported["bias"] = raw["bias"]
     if unsupported:
