@@ -22,7 +22,7 @@ $(MODEL)/config.json: | $(STAMP)
 model: $(MODEL)/config.json
 
 demo: $(STAMP) $(MODEL)/config.json
-	$(BIN)/llmlab generate $(MODEL) --prompt "What is the capital of France? Answer in one sentence." --max-new-tokens 48
+	$(BIN)/python examples/demo.py --checkpoint $(MODEL)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
