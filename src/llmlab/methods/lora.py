@@ -61,6 +61,7 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT: B = 0 makes the start exactly W0
         self.dropout = dropout
         self.merged = False
+        self._order = sorted(self.slices, key=lambda n: self.slices[n][0])  # targets by first output row
 
     def delta(self, name: str) -> Tensor:
         """scale * B A of one target: the update of its rows of the weight, in fp32."""
@@ -72,14 +73,26 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_forward(x)
-        if self.merged:
+        if self.merged or not self.slices:
             return y
         xd = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        for name, (lo, hi) in self.slices.items():
-            a, b = self.lora_A[name], self.lora_B[name]
-            update = F.linear(F.linear(xd.to(a.dtype), a), b) * self.scale[name]
-            y[..., lo:hi] += update.to(y.dtype)  # y is not saved for backward, so adding in place is safe
-        return y
+        # All A's in one matmul, then each target's B on its share of the rank dimension; the updates (zeros for
+        # rows no target covers) are joined with one cat and added once. In-place adds into slices of y cost a
+        # copy of the whole gradient per slice in backward.
+        names = self._order
+        a_all = torch.cat([self.lora_A[n] for n in names]) if len(names) > 1 else self.lora_A[names[0]]
+        h = F.linear(xd.to(a_all.dtype), a_all)  # (..., sum of ranks)
+        parts, row, col = [], 0, 0
+        for name in names:
+            lo, hi = self.slices[name]
+            rank = self.lora_A[name].shape[0]
+            if lo > row:
+                parts.append(h.new_zeros(*h.shape[:-1], lo - row))
+            parts.append(F.linear(h[..., col:col + rank], self.lora_B[name]) * self.scale[name])
+            row, col = hi, col + rank
+        if row < self.out_features:
+            parts.append(h.new_zeros(*h.shape[:-1], self.out_features - row))
+        return y + (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(y.dtype)
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
