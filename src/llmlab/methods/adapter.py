@@ -21,8 +21,14 @@ from torch import Tensor, nn
 
 from llmlab.args import BottleneckConfig
 from llmlab.errors import LLMLabError
-from llmlab.methods.base import Method
-from llmlab.methods.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROBE_KEY, base_probe, check_base, read_safetensors
+from llmlab.methods.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    PROBE_KEY,
+    AddedModulesMethod,
+    check_base,
+    read_safetensors,
+)
 
 ADAPTER_TYPE = "bottleneck"
 _ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}
@@ -126,30 +132,21 @@ def load_adapters(model: nn.Module, folder: str | Path) -> nn.Module:
     return model
 
 
-class Adapter(Method):
+class Adapter(AddedModulesMethod):
     """Train bottleneck adapters after attention and MLP; the base model stays frozen; saves the adapters alone."""
 
     name = "adapter"
+    config_class = BottleneckConfig
 
-    def __init__(self, config: BottleneckConfig | None = None, base_model: str | None = None) -> None:
-        self.config = config or BottleneckConfig()
-        self.config.validate()
-        self.base_model = base_model
-
-    def prepare(self, model: nn.Module) -> nn.Module:
+    def apply(self, model: nn.Module) -> None:
         apply_adapters(model, self.config)
-        set_trainable(model)
-        return model
 
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    def params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return adapter_params(model)
 
-    def save(self, model: nn.Module, folder: Path, tokenizer: Any = None, state_dict: dict[str, Tensor] | None = None,
-             extra_files: Callable[[Path], None] | None = None) -> Path:
-        names = {n for n, _ in adapter_params(model)}
-        source = state_dict if state_dict is not None else model.state_dict()
-        return save_adapters(folder, {k: v for k, v in source.items() if k in names}, self.config,
-                             self.base_model, tokenizer, extra_files, base_probe(source))
+    def write(self, folder: Path, tensors: dict[str, Tensor], tokenizer: Any,
+              extra_files: Callable[[Path], None] | None, probe: str) -> Path:
+        return save_adapters(folder, tensors, self.config, self.base_model, tokenizer, extra_files, probe)
 
-    def load_state(self, model: nn.Module, folder: Path) -> dict[str, Tensor]:
-        return read_adapters(folder)[2]
+    def read(self, folder: Path) -> tuple[Any, dict[str, Any], dict[str, Tensor]]:
+        return read_adapters(folder)

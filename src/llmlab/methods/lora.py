@@ -342,31 +342,68 @@ def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False) 
     return model
 
 
-class LoRA(Method):
-    """Train LoRA adapters on the chosen projections; the base model stays frozen; saves a PEFT adapter folder."""
+class AddedModulesMethod(Method):
+    """Base of the methods that add small modules to a frozen model and save those alone (LoRA, bottleneck
+    adapters). A subclass names its config class and gives four module-specific pieces: `apply` (swap the
+    modules in), `params` (the added parameters, named: what trains and what saves), `write` and `read` (its
+    folder format)."""
 
-    name = "lora"
+    config_class: type
 
-    def __init__(self, config: LoRAConfig | None = None, base_model: str | None = None) -> None:
-        self.config = config or LoRAConfig()
+    def __init__(self, config: Any = None, base_model: str | None = None) -> None:
+        self.config = config or self.config_class()
         self.config.validate()
         self.base_model = base_model
 
+    def apply(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        raise NotImplementedError
+
+    def write(self, folder: Path, tensors: dict[str, Tensor], tokenizer: Any,
+              extra_files: Callable[[Path], None] | None, probe: str) -> Path:
+        raise NotImplementedError
+
+    def read(self, folder: Path) -> tuple[Any, dict[str, Any], dict[str, Tensor]]:
+        raise NotImplementedError
+
     def prepare(self, model: nn.Module) -> nn.Module:
-        apply_lora(model, self.config)
-        set_trainable(model)
+        self.apply(model)
+        model.requires_grad_(False)
+        for _, p in self.params(model):
+            p.requires_grad_(True)
         return model
 
     def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return adapter_params(model)
+        return self.params(model)
 
     def save(self, model: nn.Module, folder: Path, tokenizer: Any = None, state_dict: dict[str, Tensor] | None = None,
              extra_files: Callable[[Path], None] | None = None) -> Path:
-        names = {n for n, _ in adapter_params(model)}
+        names = {n for n, _ in self.params(model)}
         source = state_dict if state_dict is not None else model.state_dict()
         tensors = {k: v for k, v in source.items() if k in names}
-        return save_adapter(folder, tensors, self.config, self.base_model, tokenizer, extra_files, base_probe(source))
+        return self.write(folder, tensors, tokenizer, extra_files, base_probe(source))
 
     def load_state(self, model: nn.Module, folder: Path) -> dict[str, Tensor]:
-        _, _, tensors = read_adapter(folder)
-        return tensors
+        return self.read(folder)[2]
+
+
+class LoRA(AddedModulesMethod):
+    """Train LoRA adapters on the chosen projections; the base model stays frozen; saves a PEFT adapter folder."""
+
+    name = "lora"
+    config_class = LoRAConfig
+
+    def apply(self, model: nn.Module) -> None:
+        apply_lora(model, self.config)
+
+    def params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return adapter_params(model)
+
+    def write(self, folder: Path, tensors: dict[str, Tensor], tokenizer: Any,
+              extra_files: Callable[[Path], None] | None, probe: str) -> Path:
+        return save_adapter(folder, tensors, self.config, self.base_model, tokenizer, extra_files, probe)
+
+    def read(self, folder: Path) -> tuple[Any, dict[str, Any], dict[str, Tensor]]:
+        return read_adapter(folder)
