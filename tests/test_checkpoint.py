@@ -5,7 +5,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmlab.checkpoint import dtype_from_name, hf_to_llmlab, llmlab_to_hf, load_checkpoint, save_checkpoint
+from llmlab.checkpoint import (
+    dtype_from_name,
+    hf_to_llmlab,
+    llmlab_to_hf,
+    load_checkpoint,
+    load_generation_config,
+    save_checkpoint,
+)
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.model import build_model
@@ -153,3 +160,16 @@ def test_dtype_names():
     assert dtype_from_name("bfloat16") is torch.bfloat16
     with pytest.raises(LLMLabError, match="unknown dtype 'fp8'; expected one of float32, bfloat16, float16"):
         dtype_from_name("fp8")
+
+
+def test_generation_config_reading(tiny):
+    _, folder = tiny
+    assert load_generation_config(folder)["eos_token_id"] == 2
+    (folder / "generation_config.json").unlink()
+    assert load_generation_config(folder) == {}
+    (folder / "generation_config.json").write_text("{broken")
+    with pytest.raises(LLMLabError, match="generation_config.json: not valid JSON"):
+        load_generation_config(folder)
+    (folder / "generation_config.json").write_text("[2]")
+    with pytest.raises(LLMLabError, match="generation_config.json: expected a JSON object"):
+        load_generation_config(folder)

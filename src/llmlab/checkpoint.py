@@ -210,6 +210,20 @@ def generation_config(config: ModelConfig, **overrides: Any) -> dict[str, Any]:
             "pad_token_id": config.pad_token_id, **overrides}
 
 
+def load_generation_config(folder: str | Path) -> dict[str, Any]:
+    """generation_config.json of a checkpoint folder, or {} when it has none."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise LLMLabError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise LLMLabError(f"{path}: expected a JSON object")
+    return data
+
+
 def save_checkpoint(model: LLaMA, folder: str | Path, tokenizer: Any = None, dtype: torch.dtype | None = None,
                     generation: dict[str, Any] | None = None,
                     extra_files: Callable[[Path], None] | None = None) -> Path:

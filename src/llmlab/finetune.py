@@ -82,8 +82,7 @@ def apply_adapter(model: Any, folder: str | Path) -> Any:
 
 def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None) -> Path:
     """Write CHECKPOINT with the LoRA adapter folded into its weights, as an HF-format folder (no adapter needed)."""
-    from llmlab.checkpoint import dtype_from_name, load_checkpoint, save_checkpoint
-    from llmlab.generate import load_generation_config
+    from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_generation_config, save_checkpoint
     from llmlab.methods.lora import load_adapter, merge_and_unload
     from llmlab.tokenizer import Tokenizer
 

@@ -14,7 +14,6 @@ stop strings) -> `generate` / `stream` / `ChatSession`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,20 +460,6 @@ class ChatSession:
 
 
 # -- loading -------------------------------------------------------------------------------------------
-def load_generation_config(folder: str | Path) -> dict[str, Any]:
-    """generation_config.json of a checkpoint folder, or {} when it has none."""
-    path = Path(folder) / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LLMLabError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise LLMLabError(f"{path}: expected a JSON object")
-    return data
-
-
 def eos_token_ids(tokenizer: Tokenizer, gen_config: dict[str, Any]) -> set[int]:
     """The ids that end a generation: the tokenizer's EOS token plus generation_config.json's eos_token_id(s)."""
     ids = _default_eos(tokenizer)
@@ -507,7 +492,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 def load_for_generation(folder: str | Path, device: str = "auto",
                         dtype: str = "auto") -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
     """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder."""
-    from llmlab.checkpoint import load_checkpoint
+    from llmlab.checkpoint import load_checkpoint, load_generation_config
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

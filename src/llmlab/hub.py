@@ -161,16 +161,10 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
         raise LLMLabError(f"convert: source not found: {src}")
     if src.is_file():
         return import_gguf(src, dst, dtype)
-    from llmlab.checkpoint import load_checkpoint, save_checkpoint
+    from llmlab.checkpoint import load_checkpoint, load_generation_config, save_checkpoint
     from llmlab.tokenizer import Tokenizer
 
     model = load_checkpoint(src, dtype=torch_dtype)
     tokenizer = Tokenizer.from_folder(src) if (src / "tokenizer.json").is_file() else None
-    generation = None
-    gen_path = src / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            generation = json.loads(gen_path.read_text())
-        except json.JSONDecodeError as e:
-            raise LLMLabError(f"{gen_path}: not valid JSON: {e}") from e
+    generation = load_generation_config(src) or None
     return save_checkpoint(model, dst, tokenizer=tokenizer, dtype=torch_dtype, generation=generation)
