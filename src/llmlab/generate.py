@@ -117,6 +117,11 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     return (probs / race).argmax(dim=-1, keepdim=True)
 
 
+# A per-row hook between the model and the sampler: (ids generated so far in this row, logits (V,)) -> logits.
+# Constrained decoding (llmlab.constrained) masks the tokens its grammar forbids through it.
+LogitsProcessor = Callable[[list[int], Tensor], Tensor]
+
+
 # -- the model steps ---------------------------------------------------------------------------------
 def prefill(model: LLaMA, tokens: Tensor, input_pos: Tensor, position_ids: Tensor, mask: Tensor) -> Tensor:
     """Run the (padded) prompts (B, T) through the model, filling cache slots `input_pos`; last logits (B, V) fp32."""
@@ -152,8 +157,8 @@ class _Batch:
 
     @torch.inference_mode()
     def __init__(self, model: LLaMA, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
-                 pad_id: int, compile: bool) -> None:
-        self.model, self.params = model, params
+                 pad_id: int, compile: bool, process: Callable[[Tensor], Tensor] | None = None) -> None:
+        self.model, self.params, self.process = model, params, process
         device = model.lm_head.weight.device
         B, T = len(prompts), max(len(p) for p in prompts)
         S = T + max_new_tokens
@@ -189,6 +194,8 @@ class _Batch:
     @torch.inference_mode()
     def first(self) -> Tensor:
         logits = prefill(self.model, self.tokens, self.prefill_pos, self.prefill_position_ids, self.prefill_mask)
+        if self.process is not None:
+            logits = self.process(logits)
         return sample(logits, self.params, self.rng, self.seen)
 
     @torch.inference_mode()
@@ -203,6 +210,8 @@ class _Batch:
         if self.slot is not None:
             self.slot += 1
         self.position_ids += 1
+        if self.process is not None:
+            logits = self.process(logits)
         return sample(logits, self.params, self.rng, self.seen)
 
 
@@ -227,23 +236,35 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, context
 
 def generate_tokens(model: LLaMA, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     sampling: SamplingParams | None = None, eos_ids: Iterable[int] = (), pad_id: int = 0,
-                    should_stop: Callable[[int, int], bool] | None = None,
-                    compile: bool = False) -> Iterator[list[int | None]]:
+                    should_stop: Callable[[int, int], bool] | None = None, compile: bool = False,
+                    logits_processors: Sequence[LogitsProcessor | None] | None = None) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token id of each prompt (None for prompts that have finished).
 
     A prompt finishes when it samples an id in `eos_ids` (not yielded), when `should_stop(row, token)` is True
     (that token is yielded first), or after `max_new_tokens`. Prompts are token-id lists of any lengths.
     The model's KV cache is set up for this call and cleared when the generator ends or is closed.
+    `logits_processors` (one per prompt, None for none) see each row's generated ids and fp32 logits before sampling.
     """
     params = sampling or SamplingParams()
     prompts = [list(p) for p in prompts]
     config = model.config
     check_prompts(prompts, max_new_tokens, config.max_position_embeddings, config.vocab_size)
     eos = set(eos_ids)
+    generated: list[list[int]] = [[] for _ in prompts]
+    process = None
+    if logits_processors is not None and any(p is not None for p in logits_processors):
+        if len(logits_processors) != len(prompts):
+            raise LLMLabError(f"{len(logits_processors)} logits processors for {len(prompts)} prompts")
+
+        def process(logits: Tensor) -> Tensor:
+            rows = [proc(generated[row], logits[row]) if proc is not None else logits[row]
+                    for row, proc in enumerate(logits_processors)]
+            return torch.stack(rows)
     try:
-        batch = _Batch(model, prompts, max_new_tokens, params, pad_id, compile)
+        batch = _Batch(model, prompts, max_new_tokens, params, pad_id, compile, process)
         # on an accelerator, queue step t+1 before reading step t back, so the device never idles on the host
-        lookahead = batch.pos.device.type != "cpu"
+        # (not with logits processors: they need step t's token to shape step t+1's logits)
+        lookahead = batch.pos.device.type != "cpu" and process is None
         finished = [False] * len(prompts)
         token = batch.first()
         for step in range(max_new_tokens):
@@ -256,6 +277,7 @@ def generate_tokens(model: LLaMA, prompts: Sequence[Sequence[int]], max_new_toke
                     out.append(None)
                     continue
                 out.append(t)
+                generated[row].append(t)
                 if should_stop is not None and should_stop(row, t):
                     finished[row] = True
             if any(t is not None for t in out):
@@ -377,7 +399,7 @@ def generate(model: LLaMA, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]
 
 def stream(model: LLaMA, tokenizer: Tokenizer, prompt: Sequence[int], max_new_tokens: int = 256,
            sampling: SamplingParams | None = None, eos_ids: Iterable[int] | None = None, stop: Sequence[str] = (),
-           compile: bool = False) -> Iterator[str]:
+           compile: bool = False, logits_processor: LogitsProcessor | None = None) -> Iterator[str]:
     """Generate a continuation of one prompt, yielding printable text pieces as the tokens arrive."""
     text = TextStream(tokenizer, stop)
     pending: list[str] = []
@@ -387,7 +409,8 @@ def stream(model: LLaMA, tokenizer: Tokenizer, prompt: Sequence[int], max_new_to
         return text.stopped
 
     eos = _default_eos(tokenizer) if eos_ids is None else eos_ids
-    for _ in generate_tokens(model, [prompt], max_new_tokens, sampling, eos, _pad_id(tokenizer), on_token, compile):
+    for _ in generate_tokens(model, [prompt], max_new_tokens, sampling, eos, _pad_id(tokenizer), on_token, compile,
+                             [logits_processor]):
         piece = "".join(pending)
         pending.clear()
         if piece:
@@ -430,15 +453,16 @@ class ChatSession:
         """Forget the conversation (keeps the system message)."""
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
 
-    def send(self, text: str) -> Iterator[str]:
-        """Add a user message and stream the assistant's reply; the reply joins the history when it is complete."""
-        self.messages.append({"role": "user", "content": text})
+    def send(self, text: str, role: str = "user", logits_processor: LogitsProcessor | None = None) -> Iterator[str]:
+        """Add a user message (or another role's, e.g. a tool result) and stream the assistant's reply; the reply
+        joins the history when it is complete. `logits_processor` constrains this reply (see llmlab.constrained)."""
+        self.messages.append({"role": role, "content": text})
         done = False
         try:
             ids = self._fit()
             reply = []
             for piece in stream(self.model, self.tokenizer, ids, self.max_new_tokens, self.sampling, self.eos_ids,
-                                self.stop, self.compile):
+                                self.stop, self.compile, logits_processor):
                 reply.append(piece)
                 yield piece
             self.messages.append({"role": "assistant", "content": "".join(reply)})

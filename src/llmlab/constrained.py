@@ -1,0 +1,164 @@
+"""Constrained decoding: the model may only sample tokens that keep its output inside a grammar.
+
+llguidance (Microsoft's grammar engine behind Guidance, also used by vLLM and SGLang) compiles JSON schemas and
+Lark grammars against our `tokenizers` vocabulary and, per step, fills a bitmask of the tokens allowed next; the
+processor here sets every other logit to -inf. It plugs into `generate_tokens(..., logits_processors=[...])`,
+`stream(..., logits_processor=...)` and the server's per-request hook, all with the signature
+`(generated_ids, logits) -> logits`. It was chosen over xgrammar and outlines-core because its wheel installs on CPU
+with no torch pin, it reads a `tokenizers` JSON directly, and its Lark front end lets one grammar say "either free
+text or a tool call whose JSON matches this schema" (what `tool_choice: auto` needs).
+
+JSON is compiled without free whitespace, so a small model cannot loop on spaces inside an object, and strings and
+arrays without a bound get one (`max_string`, `max_items`): a call then always ends within a known number of
+tokens. Both keep every output valid under the caller's original schema.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from llmlab.errors import LLMLabError
+from llmlab.tokenizer import Tokenizer
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+_LL_TOKENIZERS: dict[tuple[int, int], Any] = {}
+
+
+def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> Any:
+    """llguidance's view of our tokenizer (about a second to build, so cached per tokenizer and vocabulary size)."""
+    import llguidance
+
+    key = (id(tokenizer.backend), vocab_size)
+    if key not in _LL_TOKENIZERS:
+        if tokenizer.eos_id is None:
+            raise LLMLabError("constrained decoding needs a tokenizer with an EOS token (tokenizer_config.json "
+                              "'eos_token'): the grammar ends the output with it")
+        _LL_TOKENIZERS[key] = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
+                                                      eos_token=tokenizer.eos_id)
+    return _LL_TOKENIZERS[key]
+
+
+def bounded_schema(schema: dict[str, Any], max_string: int = 200, max_items: int = 8) -> dict[str, Any]:
+    """A copy of `schema` whose unbounded strings and arrays get maxLength / maxItems, so generation must end.
+
+    Anything the copy accepts the original accepts too (it only adds upper bounds).
+    """
+    def walk(node: Any) -> Any:
+        if isinstance(node, list):
+            return [walk(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: walk(v) for k, v in node.items()}
+        types = node.get("type")
+        types = types if isinstance(types, list) else [types]
+        free = not any(k in node for k in ("enum", "const", "pattern", "format"))
+        if "string" in types and free and "maxLength" not in node:
+            node["maxLength"] = max(max_string, node.get("minLength", 0))
+        if "array" in types and "maxItems" not in node:
+            node["maxItems"] = max(max_items, node.get("minItems", 0))
+        return node
+
+    if not isinstance(schema, dict):
+        raise LLMLabError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    return walk(copy.deepcopy(schema))
+
+
+def _compact(schema: dict[str, Any]) -> dict[str, Any]:
+    return {**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}}
+
+
+def json_schema_grammar(schema: dict[str, Any]) -> str:
+    """An llguidance grammar for one JSON value matching `schema` (compact: no whitespace between tokens)."""
+    import llguidance
+
+    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_compact(bounded_schema(schema))))
+
+
+def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
+    """The schema of `{"name": ..., "arguments": {...}}` for any of `tools` (OpenAI `function` tool objects)."""
+    options = []
+    for tool in tools:
+        fn = tool["function"]
+        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
+                        "required": ["name", "arguments"], "additionalProperties": False})
+    return options[0] if len(options) == 1 else {"anyOf": options}
+
+
+def tool_call_grammar(tools: list[dict[str, Any]], allow_text: bool) -> str:
+    """Lark grammar: `<tool_call>{"name": ..., "arguments": ...}</tool_call>` with JSON matching the named tool's
+    parameter schema; with `allow_text`, a plain-text reply (not starting with '<') is the other choice (the only
+    one when `tools` is empty)."""
+    import llguidance
+
+    if not tools and not allow_text:
+        raise LLMLabError("a tool call grammar needs at least one tool, or plain text allowed")
+    lines = []
+    if tools:
+        call = json.dumps(_compact(bounded_schema(tool_call_schema(tools))))
+        lines = [f'start: "{TOOL_CALL_OPEN}" call "{TOOL_CALL_CLOSE}"' + (" | TEXT" if allow_text else ""),
+                 f"call: %json {call}"]
+    else:  # plain text only: a reply that does not start a tool call
+        lines = ["start: TEXT"]
+    if allow_text:
+        lines.append(r"TEXT: /[^<](.|\n)*/")
+    return llguidance.LLMatcher.grammar_from_lark("\n".join(lines))
+
+
+class GrammarLogitsProcessor:
+    """Masks the logits of tokens that would leave `grammar`; one instance per generated sequence (it keeps the
+    parser state). Call it as `(generated_ids, logits (V,) or (1, V)) -> logits`; the ids generated since the last
+    call are fed to the parser first. When the grammar is complete only EOS stays allowed."""
+
+    def __init__(self, tokenizer: Tokenizer, grammar: str, vocab_size: int | None = None) -> None:
+        import llguidance
+
+        self.vocab_size = vocab_size or tokenizer.vocab_size
+        self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, self.vocab_size), grammar, log_level=0)
+        if self.matcher.is_error():
+            raise LLMLabError(f"constrained decoding: the grammar does not compile: {self.matcher.get_error()}")
+        self.consumed = 0
+        words = (self.vocab_size + 31) // 32
+        self._bitmask = torch.full((1, words), -1, dtype=torch.int32)
+        self._shifts = torch.arange(32, dtype=torch.int32)
+
+    def allowed(self) -> Tensor:
+        """Bool (V,) of the tokens the grammar accepts next."""
+        from llguidance.torch import fill_next_token_bitmask
+
+        fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        bits = (self._bitmask[0, :, None] >> self._shifts) & 1  # (words, 32), bit j of word i = token 32*i + j
+        return bits.flatten()[:self.vocab_size].bool()
+
+    def __call__(self, generated_ids: list[int], logits: Tensor) -> Tensor:
+        for token in generated_ids[self.consumed:]:
+            if not self.matcher.consume_token(token):
+                raise LLMLabError(f"constrained decoding: token {token} was sampled outside the grammar "
+                                  f"({self.matcher.get_error()})")
+        self.consumed = len(generated_ids)
+        allowed = self.allowed().to(logits.device)
+        if logits.size(-1) > allowed.numel():  # logits wider than the tokenizer's vocabulary: padding ids
+            allowed = torch.nn.functional.pad(allowed, (0, logits.size(-1) - allowed.numel()))
+        return logits.masked_fill(~allowed, float("-inf"))
+
+    @property
+    def done(self) -> bool:
+        """The output so far is a complete sentence of the grammar."""
+        return self.matcher.is_accepting()
+
+
+def json_processor(tokenizer: Tokenizer, schema: dict[str, Any], vocab_size: int | None = None
+                   ) -> GrammarLogitsProcessor:
+    """A processor whose output is one JSON value matching `schema`."""
+    return GrammarLogitsProcessor(tokenizer, json_schema_grammar(schema), vocab_size)
+
+
+def tool_call_processor(tokenizer: Tokenizer, tools: list[dict[str, Any]], allow_text: bool,
+                        vocab_size: int | None = None) -> GrammarLogitsProcessor:
+    """A processor whose output is a tool call for one of `tools` (or, with `allow_text`, a plain reply)."""
+    return GrammarLogitsProcessor(tokenizer, tool_call_grammar(tools, allow_text), vocab_size)
