@@ -362,6 +362,56 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
 COMMANDS += [finetune, merge]
 
 
+def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
+          max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto") -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, streaming) with a chat page.
+
+    Requests are batched continuously (new ones join the running batch between decode steps); each request picks
+    the base model or one of the LoRA adapters by its `model` field, and one batch mixes them. Open
+    http://HOST:PORT/ for the chat page; point OpenAI clients at http://HOST:PORT/v1. See docs/serve.md.
+
+    Args:
+        checkpoint: HF-format checkpoint folder to serve.
+        adapter: A LoRA adapter to serve beside the base model, as NAME=DIR (a PEFT adapter folder); repeat the
+            option for more. Clients select one with `"model": "NAME"`.
+        host: Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+        port: TCP port.
+        api_key: Require `Authorization: Bearer KEY` on /v1 routes (default: the LLMLAB_API_KEY environment
+            variable; unset: no key).
+        model_name: The base model's name in the API (default: the checkpoint folder's name).
+        max_batch: Most sequences decoded together (choices of all running requests).
+        queue_size: Most requests waiting for a free batch row; more are answered 503.
+        max_seq_len: KV-cache length per sequence (prompt + output), at most the model's context.
+        dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        device: auto, cpu, cuda or cuda:N.
+    """
+    import os
+
+    import uvicorn
+
+    from llmlab.serve import load_engine, parse_adapters
+    from llmlab.serve.api import create_app
+
+    adapters = parse_adapters(adapter)
+    engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
+                                    queue_size=queue_size, dtype=dtype, device=device)
+    name = model_name or Path(checkpoint).resolve().name
+    if name in adapters:
+        raise LLMLabError(f"--adapter name '{name}' is the base model's name; choose another (or --model-name)")
+    key = api_key if api_key is not None else os.environ.get("LLMLAB_API_KEY") or None
+    app = create_app(engine, tokenizer, name, api_key=key)
+    print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}) on http://{host}:{port}/",
+          file=sys.stderr)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        engine.close()
+
+
+COMMANDS += [serve]
+
+
 def _underscore_options(argv: list[str]) -> list[str]:
     """Accept `--max-new-tokens` as well as jsonargparse's `--max_new_tokens`: dashes in option names (the part
     before any `=`) become underscores. Values are untouched (argparse reads a value starting with `--` as an
@@ -375,12 +425,27 @@ def _underscore_options(argv: list[str]) -> list[str]:
     return out
 
 
+_REPEATABLE = {"serve": ("--adapter",)}  # list options that a repeated flag extends
+
+
+def _append_repeated(argv: list[str]) -> list[str]:
+    """`serve --adapter A --adapter B` serves both: a repeated list option appends (jsonargparse's `--adapter+`)
+    instead of the last one silently winning."""
+    names = _REPEATABLE.get(argv[0], ()) if argv else ()
+    out = []
+    for arg in argv:
+        name, eq, value = arg.partition("=")
+        out.append(name + "+" + eq + value if name in names else arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; bad input prints one line `llmlab: error: ...` and exits with status 2."""
     from jsonargparse import CLI
 
     try:
-        CLI(COMMANDS, args=_underscore_options(sys.argv[1:] if argv is None else argv), as_positional=True,
+        args = _append_repeated(_underscore_options(sys.argv[1:] if argv is None else argv))
+        CLI(COMMANDS, args=args, as_positional=True,
             env_prefix="LLMLAB", default_env=False)
     except LLMLabError as e:
         print(f"llmlab: error: {e}", file=sys.stderr)

@@ -86,11 +86,27 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv, T, head_dim) at slots `input_pos` (T,) and return the whole cache."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None,
+               kv_len: int | None = None) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, head_dim) at slots `input_pos` and return the cache the queries attend to.
+
+        `input_pos` (T,) writes the same slots in every row of a cache of batch B (the whole cache comes back).
+        `input_pos` (B, T) writes each row at its own slots (continuous batching: rows at different lengths);
+        the batch then uses cache rows `rows` (B,) (default the first B) and gets back those rows' first `kv_len`
+        slots (a view for the default rows, a gathered copy otherwise).
+        """
+        if input_pos.dim() == 1:
+            self.k.index_copy_(2, input_pos, k)
+            self.v.index_copy_(2, input_pos, v)
+            return self.k, self.v
+        B = k.size(0)
+        idx = torch.arange(B, device=k.device) if rows is None else rows
+        self.k[idx[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view: (B, T, n_kv, head_dim)
+        self.v[idx[:, None], :, input_pos] = v.transpose(1, 2)
+        end = kv_len or self.k.size(2)
+        if rows is None:
+            return self.k[:B, :, :end], self.v[:B, :, :end]
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 class Attention(nn.Module):
@@ -104,14 +120,16 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                kv_len: int | None = None) -> Tensor:
+                kv_len: int | None = None, cache_rows: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None:
+        if self.kv_cache is not None and input_pos.dim() == 2:  # per-row slots
+            k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)  # (B, n_kv, kv_len, head_dim)
+        elif self.kv_cache is not None:
             k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq_len, head_dim)
             if kv_len is not None:  # only the filled slots: less work on CPU, at the price of changing shapes
                 k, v = k[:, :, :kv_len], v[:, :, :kv_len]
@@ -147,8 +165,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                kv_len: int | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len)
+                kv_len: int | None = None, cache_rows: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, cache_rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -213,7 +231,8 @@ class LLaMA(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,
-                mask: Tensor | None = None, last_only: bool = False, kv_len: int | None = None) -> Tensor:
+                mask: Tensor | None = None, last_only: bool = False, kv_len: int | None = None,
+                cache_rows: Tensor | None = None) -> Tensor:
         """Logits for token ids `idx` (B, T).
 
         Without a cache: causal attention over `idx` (positions 0..T-1 unless `position_ids` is given).
@@ -223,6 +242,8 @@ class LLaMA(nn.Module):
         `last_only` returns only the last position's logits, (B, 1, vocab), for generation.
         `kv_len` (with a cache): attend only to slots [0, kv_len), which must cover every slot a query may see;
         eager CPU decoding is faster with it, compiled decoding wants the fixed shapes of leaving it None.
+        Per-row slots (continuous batching, `llmlab.serve`): `input_pos` (B, T) gives each row its own slots, in
+        cache rows `cache_rows` (B,) (default the first B); the default mask is causal per row.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, hidden)
@@ -230,12 +251,15 @@ class LLaMA(nn.Module):
             self.inv_freq = self.inv_freq.to(idx.device)
         if position_ids is None:
             pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
-            position_ids = pos[None].expand(B, T)
+            position_ids = pos if pos.dim() == 2 else pos[None].expand(B, T)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
         if self.max_cache_len:
             if input_pos is None:
                 raise ValueError("a KV cache is set up: pass input_pos, the cache slots of idx")
-            if mask is None:
+            if mask is None and input_pos.dim() == 2:
+                slots = torch.arange(kv_len or self.max_cache_len, device=idx.device)
+                mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, kv_len)
+            elif mask is None:
                 slots = torch.arange(self.max_cache_len, device=idx.device)
                 mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, max_seq_len)
             if kv_len is not None:
@@ -244,7 +268,7 @@ class LLaMA(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos, kv_len)
+                x = layer(x, cos, sin, mask, input_pos, kv_len, cache_rows)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))  # (B, T, vocab)

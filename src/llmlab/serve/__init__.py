@@ -1,0 +1,48 @@
+"""Serving: an OpenAI-compatible HTTP API with continuous batching and per-request LoRA adapters.
+
+`engine.Engine` owns the model and batches requests (continuous batching over a static KV cache),
+`lora_multi.MultiLoRA` applies a different LoRA adapter to each batch row, `api.create_app` is the FastAPI app
+(OpenAI schemas, SSE streaming, errors, the chat page in `static/`). `load_engine` + `create_app` is what
+`llmlab serve` runs; see docs/serve.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from llmlab.errors import LLMLabError
+
+
+def parse_adapters(specs: list[str] | None) -> dict[str, Path]:
+    """`NAME=DIR` strings (the --adapter option) -> {name: folder}; a bare DIR is named after its folder."""
+    out: dict[str, Path] = {}
+    for spec in specs or []:
+        name, eq, folder = spec.partition("=")
+        if not eq:
+            name, folder = Path(spec).name, spec
+        if not name or not folder:
+            raise LLMLabError(f"--adapter: expected NAME=DIR, got '{spec}'")
+        if name in out:
+            raise LLMLabError(f"--adapter: the name '{name}' is given twice")
+        out[name] = Path(folder)
+    return out
+
+
+def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | None = None, max_batch: int = 16,
+                max_seq_len: int = 2048, queue_size: int = 64, dtype: str = "auto", device: str = "auto") -> Any:
+    """Load CHECKPOINT and its LoRA adapters and start an `Engine` on them; returns (engine, tokenizer)."""
+    from llmlab.generate import eos_token_ids, load_for_generation
+    from llmlab.serve.engine import Engine
+    from llmlab.serve.lora_multi import MultiLoRA
+
+    model, tokenizer, gen_config = load_for_generation(checkpoint, device=device, dtype=dtype)
+    multi = None
+    if adapters:
+        multi = MultiLoRA(model)
+        for name, folder in adapters.items():
+            multi.add(name, folder)
+    engine = Engine(model, tokenizer, eos_token_ids(tokenizer, gen_config), max_batch=max_batch,
+                    max_seq_len=max_seq_len, queue_size=queue_size, adapters=multi)
+    return engine, tokenizer

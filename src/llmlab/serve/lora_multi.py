@@ -1,0 +1,137 @@
+"""Several LoRA adapters on one base model at once, chosen per batch row (for serving).
+
+`llmlab.methods.lora.LoRALinear` holds one adapter and trains it; a server wants N adapters in memory and a
+batch whose rows each use a different one (or none). `MultiLoRA` wraps every projection some adapter targets in
+a `MultiLoRALinear`, which keeps per adapter one A (all its targets' A's stacked: sum of ranks x in) and one B
+(out x sum of ranks, each target's B in its slice of the output rows, zeros elsewhere, scale folded in). Before a
+forward, `select(["a", None, "b", "a"])` names each row's adapter; each module then adds, per adapter present,
+`x[rows] A^T B^T` into those rows (rows of the base model get nothing). The cost is one pair of small matmuls per
+distinct adapter in the batch, not per row, and no weight is copied per step.
+
+Adapters are read with `llmlab.methods.lora.read_adapter` (PEFT folders, the probe check of the base included),
+so what `llmlab finetune --method lora` or PEFT writes serves as is. The base weights are never changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmlab.errors import LLMLabError
+from llmlab.methods.lora import _MODULE_OF, _slices, check_base, read_adapter
+
+
+class MultiLoRALinear(nn.Module):
+    """nn.Linear plus any number of named LoRA updates, applied to the rows `groups` assigns them."""
+
+    def __init__(self, base: nn.Linear) -> None:
+        super().__init__()
+        self.base = base
+        self.A: dict[str, Tensor] = {}  # name -> (sum of ranks, in)
+        self.B: dict[str, Tensor] = {}  # name -> (out, sum of ranks), scale folded in
+        self.groups: list[tuple[str, Tensor | None]] = []  # (adapter, its batch rows or None = every row)
+
+    def add(self, name: str, A: Tensor, B: Tensor) -> None:
+        self.A[name], self.B[name] = A, B
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base(x)
+        for name, rows in self.groups:
+            A = self.A.get(name)
+            if A is None:  # this adapter leaves this projection alone
+                continue
+            if rows is None:
+                y = y + F.linear(F.linear(x, A), self.B[name])
+            else:
+                y = y.index_add(0, rows, F.linear(F.linear(x.index_select(0, rows), A), self.B[name]))
+        return y
+
+
+class MultiLoRA:
+    """The adapters served beside a base model: load them by name, then `select` each batch row's adapter."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names: list[str] = []
+        self.modules: dict[str, MultiLoRALinear] = {}  # module path -> wrapper
+
+    def add(self, name: str, folder: str | Path) -> None:
+        """Load the PEFT LoRA adapter of `folder` under `name` (checked against the base model)."""
+        if name in self.names:
+            raise LLMLabError(f"--adapter: the name '{name}' is given twice")
+        config, raw, tensors = read_adapter(folder)
+        check_base(self.model, raw["_metadata"], folder, raw.get("base_model_name_or_path"))
+        layers = self.model.model.layers
+        per_module: dict[str, list[tuple[str, Tensor, Tensor]]] = {}
+        for key, a in tensors.items():
+            if ".lora_A." not in key:
+                continue
+            prefix, target = key.split(".lora_A.")
+            b = tensors.get(f"{prefix}.lora_B.{target}")
+            layer = int(prefix.split(".")[2])
+            if b is None or layer >= len(layers):
+                raise LLMLabError(f"{folder}: the adapter does not fit this model ({key} has no lora_B or names a "
+                                  f"layer beyond the model's {len(layers)})")
+            per_module.setdefault(prefix, []).append((target, a, b))
+        staged = []
+        for path, parts in per_module.items():
+            linear = self._base_linear(path)
+            spans = _slices(self.model, path.rsplit(".", 1)[1])
+            dev, dt = linear.weight.device, linear.weight.dtype
+            A = torch.cat([a for _, a, _ in parts]).to(dev, dt)
+            B = torch.zeros(linear.out_features, A.shape[0], device=dev, dtype=dt)
+            col = 0
+            for target, a, b in parts:
+                lo, hi = spans[_MODULE_OF[target][2]]
+                if a.shape[1] != linear.in_features or b.shape != (hi - lo, a.shape[0]):
+                    raise LLMLabError(f"{folder}: the adapter does not fit this model: {path} {target} has A "
+                                      f"{tuple(a.shape)} and B {tuple(b.shape)}, expected A (r, {linear.in_features}) "
+                                      f"and B ({hi - lo}, r)")
+                r = a.shape[0]
+                scale = config.alpha / (r ** 0.5 if config.rslora else r)  # as LoRALinear: from the tensor's rank
+                B[lo:hi, col:col + r] = b.to(dev, dt) * scale
+                col += a.shape[0]
+            staged.append((path, A, B))
+        for path, A, B in staged:  # only now, so a bad adapter leaves the model untouched
+            self._wrapper(path).add(name, A, B)
+        self.names.append(name)
+
+    def _base_linear(self, path: str) -> nn.Linear:
+        module = self.modules.get(path) or self.model.get_submodule(path)
+        return module.base if isinstance(module, MultiLoRALinear) else module
+
+    def _wrapper(self, path: str) -> MultiLoRALinear:
+        if path not in self.modules:
+            parent, _, attr = path.rpartition(".")
+            wrapper = MultiLoRALinear(self.model.get_submodule(path))
+            setattr(self.model.get_submodule(parent), attr, wrapper)
+            self.modules[path] = wrapper
+        return self.modules[path]
+
+    @contextmanager
+    def select(self, row_adapters: Sequence[str | None]) -> Iterator[None]:
+        """Within the block, batch row i of every forward uses adapter `row_adapters[i]` (None: the base model)."""
+        unknown = {a for a in row_adapters if a is not None and a not in self.names}
+        if unknown:
+            raise LLMLabError(f"unknown adapter(s) {sorted(unknown)}; loaded: {self.names}")
+        groups: list[tuple[str, Tensor | None]] = []
+        present = dict.fromkeys(a for a in row_adapters if a is not None)
+        device = self.model.lm_head.weight.device
+        for name in present:
+            if all(a == name for a in row_adapters):
+                groups.append((name, None))
+            else:
+                rows = [i for i, a in enumerate(row_adapters) if a == name]
+                groups.append((name, torch.tensor(rows, device=device)))
+        for m in self.modules.values():
+            m.groups = groups
+        try:
+            yield
+        finally:
+            for m in self.modules.values():
+                m.groups = []

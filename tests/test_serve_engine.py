@@ -1,0 +1,197 @@
+"""The serving engine without HTTP: continuous batching gives each request what it would get alone, per-row LoRA
+equals the training-side LoRA, the logits-processor hook, cancel, the bounded queue."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from _serve import (
+    PROMPTS,
+    make_fixture,
+    one_thread,  # noqa: F401  (a fixture, used through pytestmark)
+    wait_for,
+)
+
+from llmlab.checkpoint import load_checkpoint
+from llmlab.errors import LLMLabError
+from llmlab.generate import SamplingParams, generate
+from llmlab.methods.lora import load_adapter
+from llmlab.serve import load_engine, parse_adapters
+from llmlab.serve.engine import Engine, GenerationRequest, QueueFull
+from llmlab.serve.lora_multi import MultiLoRA
+from llmlab.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def fixture(tmp_path_factory):
+    return make_fixture(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def engine(fixture):
+    ckpt, adapters = fixture
+    eng, _ = load_engine(ckpt, adapters, max_batch=6, max_seq_len=128, queue_size=8)
+    yield eng
+    eng.close()
+
+
+def alone(ckpt, prompt_ids, max_tokens, adapter=None, stop=()) -> tuple[str, str]:
+    """What `llmlab.generate.generate` gives for one prompt (with the adapter loaded the training way)."""
+    model = load_checkpoint(ckpt).eval()
+    if adapter is not None:
+        load_adapter(model, adapter)
+    tok = Tokenizer.from_folder(ckpt)
+    out = generate(model, tok, [prompt_ids], max_tokens, stop=stop)[0]
+    return out.text, out.finish_reason
+
+
+def submit_all(engine, reqs) -> list[list[tuple[str, str]]]:
+    """Submit every request while the engine is paused, so they are admitted into one batch; wait for all."""
+    results: list = [None] * len(reqs)
+    with engine.lock:
+        threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, engine.generate(r, 60)))
+                   for i, r in enumerate(reqs)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: engine.status()["waiting"] == len(reqs))
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_per_row_cache_slots_equal_full_recompute(fixture):
+    ckpt, _ = fixture
+    model = load_checkpoint(ckpt).eval()
+    a, b = torch.tensor([[5, 9, 13, 2, 7, 30, 40]]), torch.tensor([[3, 8, 11, 60]])
+    with torch.no_grad():
+        ref_a, ref_b = model(torch.cat([a, torch.tensor([[9]])], 1))[0, -1], model(torch.cat([b, torch.tensor([[5]])],
+                                                                                              1))[0, -1]
+        model.setup_cache(3, 16)
+        model(a, input_pos=torch.arange(7)[None], cache_rows=torch.tensor([1]), kv_len=7)
+        model(b, input_pos=torch.arange(4)[None], cache_rows=torch.tensor([0]), kv_len=4)
+        out = model(torch.tensor([[5], [9]]), input_pos=torch.tensor([[4], [7]]), kv_len=8)[:, -1]
+    torch.testing.assert_close(out[0], ref_b)
+    torch.testing.assert_close(out[1], ref_a)
+
+
+def test_batched_requests_equal_each_alone(fixture, engine):
+    ckpt, _ = fixture
+    tok = engine.tokenizer
+    reqs = [GenerationRequest(tok.encode(p), 12 + 3 * i) for i, p in enumerate(PROMPTS)]
+    results = submit_all(engine, reqs)
+    for req, got in zip(reqs, results):
+        assert got == [alone(ckpt, req.prompt_ids, req.max_tokens)]
+
+
+def test_mixed_adapter_batch_equals_each_adapter_alone(fixture, engine):
+    ckpt, adapters = fixture
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    names = [None, "alpha", "beta", "alpha", None]
+    results = submit_all(engine, [GenerationRequest(ids, 16, adapter=a) for a in names])
+    expected = {a: alone(ckpt, ids, 16, adapters.get(a)) for a in set(names)}
+    assert len({expected[a] for a in expected}) == 3, "each adapter must change the output for this test to mean much"
+    for name, got in zip(names, results):
+        assert got == [expected[name]], name
+
+
+def test_multi_lora_forward_equals_lora_linear_per_row(fixture):
+    ckpt, adapters = fixture
+    x = torch.randint(0, 300, (3, 9))
+    multi_model = load_checkpoint(ckpt).eval()
+    multi = MultiLoRA(multi_model)
+    for name, folder in adapters.items():
+        multi.add(name, folder)
+    with torch.no_grad(), multi.select(["beta", None, "alpha"]):
+        got = multi_model(x)
+    for row, name in enumerate(["beta", None, "alpha"]):
+        ref = load_checkpoint(ckpt).eval()
+        if name:
+            load_adapter(ref, adapters[name])
+        with torch.no_grad():
+            torch.testing.assert_close(got[row], ref(x[row:row + 1])[0], rtol=1e-4, atol=1e-5)
+
+
+def test_n_choices_seed_and_stop(engine):
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    sampled = SamplingParams(temperature=1.0, seed=7)
+    first = engine.generate(GenerationRequest(ids, 10, sampled, n=3), 60)
+    again = engine.generate(GenerationRequest(ids, 10, SamplingParams(temperature=1.0, seed=7), n=3), 60)
+    assert first == again and len(first) == 3
+    assert len({t for t, _ in first}) > 1, "three samples at temperature 1 should not all agree"
+    greedy = engine.generate(GenerationRequest(ids, 10), 60)[0][0]
+    stop = greedy[3:6]
+    text, reason = engine.generate(GenerationRequest(ids, 10, stop=[stop]), 60)[0]
+    assert text == greedy[:greedy.index(stop)] and reason == "stop"
+
+
+def test_logits_processor_hook_constrains_every_token(engine):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    allowed = engine.tokenizer.encode(" meow")[-1]
+    seen: list[list[int]] = []
+
+    def only_meow(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        seen.append(list(generated))
+        out = torch.full_like(logits, float("-inf"))
+        out[allowed] = 0.0
+        return out
+
+    text, reason = engine.generate(GenerationRequest(ids, 4, SamplingParams(temperature=1.0),
+                                                     logits_processor=only_meow), 60)[0]
+    assert text == engine.tokenizer.decode([allowed] * 4) and reason == "length"
+    assert seen == [[], [allowed], [allowed] * 2, [allowed] * 3]
+
+
+def test_failing_logits_processor_fails_only_its_request(engine):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+
+    def broken(generated, logits):
+        raise ValueError("grammar exploded")
+
+    with pytest.raises(LLMLabError, match="grammar exploded"):
+        engine.generate(GenerationRequest(ids, 4, logits_processor=broken), 60)
+    assert engine.generate(GenerationRequest(ids, 4), 60)[0][1] == "length"
+
+
+def test_cancel_frees_the_rows_and_queue_full(fixture):
+    ckpt, _ = fixture
+    eng, tok = load_engine(ckpt, max_batch=1, max_seq_len=128, queue_size=1)
+    try:
+        ids = tok.encode(PROMPTS[0])
+        with eng.lock:  # paused: nothing is admitted
+            waiting = eng.submit(GenerationRequest(ids, 100))
+            with pytest.raises(QueueFull, match="--queue-size 1"):
+                eng.submit(GenerationRequest(ids, 5))
+            eng.cancel(waiting)
+        assert wait_for(lambda: eng.status()["cancelled"] == 1)
+        events = []
+        long = GenerationRequest(ids, 120, sink=events.append)
+        with eng.lock:
+            eng.submit(long)
+        assert wait_for(lambda: long.completion_tokens >= 2)
+        eng.cancel(long)
+        assert wait_for(lambda: eng.status()["running"] == 0 and eng.status()["cancelled"] == 2)
+        assert long.completion_tokens < 120 and all(e.kind == "delta" for e in events)
+    finally:
+        eng.close()
+
+
+def test_bad_requests_and_options(fixture, engine):
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    with pytest.raises(LLMLabError, match="n must be between 1 and 6"):
+        engine.submit(GenerationRequest(ids, 4, n=7))
+    with pytest.raises(LLMLabError, match="context is 128 tokens"):
+        engine.submit(GenerationRequest([1] * 128, 4))
+    with pytest.raises(LLMLabError, match="unknown adapter 'gamma'"):
+        engine.submit(GenerationRequest(ids, 4, adapter="gamma"))
+    with pytest.raises(LLMLabError, match="expected NAME=DIR"):
+        parse_adapters(["=x"])
+    with pytest.raises(LLMLabError, match="given twice"):
+        parse_adapters(["a=x", "a=y"])
+    assert parse_adapters(["runs/final", "b=y"]) == {"final": Path("runs/final"), "b": Path("y")}
+    with pytest.raises(LLMLabError, match="--max-batch and --queue-size"):
+        Engine(load_checkpoint(fixture[0]), engine.tokenizer, [], max_batch=0)
