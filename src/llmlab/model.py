@@ -193,6 +193,7 @@ class LLaMA(nn.Module):
         # A plain tensor, not a buffer: `model.to(bfloat16)` must not round the RoPE frequencies.
         self.inv_freq = rope_inv_freq(config, device="cpu")
         self.gradient_checkpointing = False
+        self.fused_loss = True  # forward(labels=...) uses the chunked head + loss (llmlab.losses)
         self.max_cache_len = 0
 
     # -- weights ---------------------------------------------------------------------------------
@@ -232,8 +233,9 @@ class LLaMA(nn.Module):
     # -- forward ---------------------------------------------------------------------------------
     def forward(self, idx: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,
                 mask: Tensor | None = None, last_only: bool = False, kv_len: int | None = None,
-                cache_rows: Tensor | None = None) -> Tensor:
-        """Logits for token ids `idx` (B, T).
+                cache_rows: Tensor | None = None, labels: Tensor | None = None,
+                return_hidden: bool = False) -> Tensor:
+        """Logits for token ids `idx` (B, T); with `labels` (B, T) the mean next-token loss instead.
 
         Without a cache: causal attention over `idx` (positions 0..T-1 unless `position_ids` is given).
         With a cache (`setup_cache`): `input_pos` (T,) are the cache slots written; queries attend to every
@@ -244,6 +246,9 @@ class LLaMA(nn.Module):
         eager CPU decoding is faster with it, compiled decoding wants the fixed shapes of leaving it None.
         Per-row slots (continuous batching, `llmlab.serve`): `input_pos` (B, T) gives each row its own slots, in
         cache rows `cache_rows` (B,) (default the first B); the default mask is causal per row.
+        `labels` (aligned with idx, IGNORE_INDEX = no loss): the loss goes through `llmlab.losses`' chunked head +
+        cross-entropy (no full logits tensor) while `fused_loss` is True. `return_hidden`: the final-norm hidden
+        states (B, T, hidden) instead of logits.
         """
         B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, hidden)
@@ -271,7 +276,16 @@ class LLaMA(nn.Module):
                 x = layer(x, cos, sin, mask, input_pos, kv_len, cache_rows)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))  # (B, T, vocab)
+        x = self.model.norm(x)  # (B, T, hidden)
+        if return_hidden:
+            return x
+        if labels is None:
+            return self.lm_head(x)  # (B, T, vocab)
+        from llmlab.losses import linear_cross_entropy, next_token_loss
+
+        if self.fused_loss and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
+            return linear_cross_entropy(x, self.lm_head.weight, labels)
+        return next_token_loss(self.lm_head(x), labels)
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

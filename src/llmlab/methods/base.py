@@ -7,19 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100  # labels with this value carry no loss (e.g. the prompt of an instruction example)
+from llmlab.losses import IGNORE_INDEX, next_token_loss
+
+__all__ = ["IGNORE_INDEX", "Method", "model_inputs", "next_token_loss", "state_dict_to_model", "unwrap"]
 
 
-def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of logits (B, T, V) against labels (B, T), skipping labels equal to IGNORE_INDEX.
-
-    Labels are already aligned with the logits (label t is the token after input t); the loss is computed in
-    fp32 whatever the autocast dtype of the logits.
-    """
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None) if inner is None else inner
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
 
 
 def model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
@@ -37,6 +39,7 @@ class Method:
     """Base class of training methods; the defaults train every parameter with next-token cross-entropy."""
 
     name = "base"
+    saves_frozen = True  # its checkpoints hold the frozen weights too (False: they may be kept in bf16, see train)
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """Make `model` ready to train (set requires_grad, swap modules) and return it."""
@@ -48,7 +51,13 @@ class Method:
 
     def loss(self, model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         """Scalar loss of a batch (`input_ids`, `labels`, optional `position_ids` and `mask` or `segment_ids` of
-        packed examples); `model` may be wrapped."""
+        packed examples); `model` may be wrapped.
+
+        A model that computes its own loss from `labels` (the LLaMA: chunked head + cross-entropy, no full logits
+        tensor) is called with them, inside its forward so that DDP, FSDP and compile see the head's weight used;
+        other models (the LSTM) return logits for `next_token_loss`."""
+        if getattr(unwrap(model), "fused_loss", False):
+            return model(batch["input_ids"], labels=batch["labels"], **model_inputs(batch))
         return next_token_loss(model(batch["input_ids"], **model_inputs(batch)), batch["labels"])
 
     def model_config(self, model: nn.Module) -> dict[str, Any]:
