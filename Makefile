@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL := checkpoints/smollm2-135m-instruct
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint model bench clean
+.PHONY: demo test test-fast lint model bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,20 @@ model: $(MODEL)/config.json
 demo: $(STAMP) $(MODEL)/config.json
 	$(BIN)/python examples/demo.py --checkpoint $(MODEL)
 
-test: $(STAMP)
+# The chat-page test (tests/test_serve_page.py) drives Debian's chromium through playwright, never a downloaded
+# browser; installed here when we are root, otherwise that test skips and says why.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q chromium chromium-driver || { apt-get update -q && apt-get install -y -q chromium chromium-driver; } \
+	      || echo "note: could not install chromium; tests/test_serve_page.py will skip"; \
+	  else echo "note: chromium is not installed (needs root and apt); tests/test_serve_page.py will skip"; fi; fi
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)

@@ -38,13 +38,11 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
-from llmlab.generate import SamplingParams, TextStream, sample
+from llmlab.generate import LogitsProcessor, SamplingParams, TextStream, sample
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
 
 log = logging.getLogger("llmlab.serve")
-
-LogitsProcessor = Callable[[list[int], Tensor], Tensor]
 
 
 class QueueFull(LLMLabError):
