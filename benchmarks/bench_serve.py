@@ -1,0 +1,139 @@
+"""Load test of `llmlab serve`: N concurrent streaming chat clients on loopback for a bounded time, against one.
+
+Starts the server (`llmlab serve CKPT`, a subprocess) once, then runs two phases of `--duration` seconds each:
+one client, then `--clients` clients. Every client loops: send a streaming chat completion (the official `openai`
+client, `stream_options.include_usage`), read it to the end, send the next. A phase stops starting requests after
+`--duration` and waits for the ones in flight; its throughput is the completion tokens of all its requests over
+its wall time. Prints both phases (tokens/s, requests, errors, median time to first token) and the ratio
+aggregate / single; exits 1 if any request failed.
+
+    flock /tmp/llmlab-cpu.lock .venv/bin/python benchmarks/bench_serve.py --clients 16 --duration 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+QUESTIONS = [
+    "What is the capital of France?", "Give me three tips for learning to cook.", "Explain photosynthesis simply.",
+    "Write a haiku about the sea.", "Why is the sky blue?", "How do I boil an egg?", "What is a prime number?",
+    "Name some planets of the solar system.", "What does a compiler do?", "Describe a cat to a child.",
+    "How can I sleep better?", "What is machine learning?", "Suggest a name for a bakery.",
+    "What is the boiling point of water?", "How do bees make honey?", "Tell me a fun fact about octopuses.",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def client_loop(client, model: str, worker: int, deadline: float, max_tokens: int, stats: dict) -> None:
+    i = 0
+    while time.perf_counter() < deadline:
+        question = QUESTIONS[(worker * 7 + i) % len(QUESTIONS)]
+        start, first, tokens = time.perf_counter(), None, 0
+        try:
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}], max_tokens=max_tokens,
+                temperature=0.7, seed=worker * 1000 + i, stream=True, stream_options={"include_usage": True})
+            async for chunk in stream:
+                if first is None and chunk.choices and chunk.choices[0].delta.content:
+                    first = time.perf_counter() - start
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+        except Exception as e:  # counted and shown; the run fails at the end
+            stats["errors"].append(f"{type(e).__name__}: {e}")
+        else:
+            stats["tokens"] += tokens
+            stats["requests"] += 1
+            if first is not None:
+                stats["ttft"].append(first)
+        i += 1
+
+
+async def phase(base_url: str, model: str, clients: int, duration: float, max_tokens: int) -> dict:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
+        stats = {"tokens": 0, "requests": 0, "errors": [], "ttft": []}
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, model, w, start + duration, max_tokens, stats)
+                               for w in range(clients)))
+        wall = time.perf_counter() - start
+    return {"clients": clients, "wall_s": round(wall, 1), "requests": stats["requests"], "tokens": stats["tokens"],
+            "tokens_per_s": round(stats["tokens"] / wall, 2), "errors": len(stats["errors"]),
+            "first_errors": stats["errors"][:3],
+            "median_ttft_s": round(statistics.median(stats["ttft"]), 3) if stats["ttft"] else None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default="checkpoints/smollm2-135m-instruct")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds each phase starts requests")
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds of one client before measuring")
+    ap.add_argument("--max-seq-len", type=int, default=512, help="the server's --max-seq-len")
+    ap.add_argument("--threads", type=int, help="the server's intra-op threads (OMP_NUM_THREADS; default: torch's)")
+    ap.add_argument("--dtype", default="auto", help="the server's --dtype")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    if not (Path(args.ckpt) / "config.json").is_file():
+        print(f"bench_serve: {args.ckpt} is not a checkpoint folder (run `make model`)", file=sys.stderr)
+        return 2
+    port = free_port()
+    cmd = [sys.executable, "-m", "llmlab.cli", "serve", args.ckpt, "--port", str(port), "--model-name", "bench",
+           "--max-batch", str(args.clients), "--queue-size", str(4 * args.clients), "--max-seq-len",
+           str(args.max_seq_len), "--dtype", args.dtype]
+    env = {**os.environ, "LLMLAB_API_KEY": ""}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    server = subprocess.Popen(cmd, env=env)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        import urllib.request
+
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
+                break
+            except OSError:
+                if server.poll() is not None:
+                    print("bench_serve: the server exited", file=sys.stderr)
+                    return 2
+                time.sleep(0.2)
+        asyncio.run(phase(base_url, "bench", 1, args.warmup, args.max_tokens))  # allocator, first calls
+        one = asyncio.run(phase(base_url, "bench", 1, args.duration, args.max_tokens))
+        many = asyncio.run(phase(base_url, "bench", args.clients, args.duration, args.max_tokens))
+    finally:
+        server.terminate()
+        server.wait(60)
+    ratio = many["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
+    header = ("clients", "wall s", "requests", "tokens", "tokens/s", "TTFT p50 s", "errors")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 7, 9, 7, 9, 11, 7))))
+    for r in (one, many):
+        print(f"{r['clients']:>8} {r['wall_s']:>7} {r['requests']:>9} {r['tokens']:>7} {r['tokens_per_s']:>9} "
+              f"{r['median_ttft_s']!s:>11} {r['errors']:>7}")
+    print(f"aggregate throughput ratio, {args.clients} clients / 1 client: {ratio:.2f}x (goal >= 6x)")
+    for r in (one, many):
+        for e in r["first_errors"]:
+            print(f"error ({r['clients']} clients): {e}", file=sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps({"single": one, "concurrent": many, "ratio": round(ratio, 2),
+                                         "command": " ".join(sys.argv)}, indent=2))
+    return 1 if one["errors"] or many["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

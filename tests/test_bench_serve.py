@@ -1,0 +1,39 @@
+"""benchmarks/bench_serve.py: a short load test against a tiny checkpoint runs clean and prints the ratio."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+from _serve import make_fixture
+
+ROOT = Path(__file__).parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "bench_serve.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow  # starts a server subprocess
+def test_short_load_test_has_no_errors(tmp_path, capsys, monkeypatch):
+    ckpt, _ = make_fixture(tmp_path)
+    monkeypatch.setitem(os.environ, "OMP_NUM_THREADS", "1")
+    out = tmp_path / "bench.json"
+    code = _bench().main(["--ckpt", str(ckpt), "--clients", "3", "--duration", "1", "--warmup", "0.5",
+                          "--max-tokens", "4", "--max-seq-len", "64", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["single"]["requests"] >= 1 and result["concurrent"]["requests"] >= 3
+    assert result["concurrent"]["errors"] == 0 and result["ratio"] > 0
+    assert "aggregate throughput ratio, 3 clients / 1 client" in capsys.readouterr().out
+
+
+def test_missing_checkpoint_is_reported(tmp_path, capsys):
+    assert _bench().main(["--ckpt", str(tmp_path / "nothing")]) == 2
+    assert "is not a checkpoint folder" in capsys.readouterr().err
