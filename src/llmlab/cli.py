@@ -362,6 +362,47 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
 COMMANDS += [finetune, merge]
 
 
+def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None = None, limit: int | None = None,
+             seed: int = 0, out: Path | None = None, data_dir: Path = Path("../shared/data"), batch_size: int = 8,
+             chat: bool | None = None, dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict:
+    """Evaluate a checkpoint on tasks (perplexity, multiple choice, generation, code with pass@k, sentence pairs);
+    prints a table and writes OUT/results.json plus OUT/samples_<task>.jsonl. See docs/evaluate.md.
+
+    Args:
+        checkpoint: HF-format checkpoint folder.
+        tasks: Comma-separated task names or task .yaml paths (`--tasks gsm8k,nq_open`), or `all` for every shipped
+            task. Shipped: bias_pairs, commonsense, gsm8k, humaneval, multitask, nq_open, paragraphs, reading,
+            toxicity_pairs, truthful.
+        adapter: An adapter folder (PEFT LoRA or llmlab bottleneck) to apply on top of the checkpoint, unmerged.
+        limit: Evaluate only the first N records of each task.
+        seed: Seed of the few-shot example choice and of sampling (tasks with temperature > 0).
+        out: Output folder (default: runs/eval/<checkpoint folder name>).
+        data_dir: The folder that `${data_dir}` means in task files (GSM8K, HumanEval and NQ-open data).
+        batch_size: Rows per batch for scoring and generation.
+        chat: Send prompts through the tokenizer's chat template (default: as each task file says).
+        dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        device: auto, cpu, cuda or cuda:N.
+        progress: Show progress bars on stderr.
+    """
+    from llmlab.eval import TextModel, evaluate_tasks, format_table, load_tasks
+
+    task_list = load_tasks(tasks)
+    for t in task_list:
+        t.check_data(data_dir)
+    model, tokenizer, sampling, eos, _ = _load_for_generation(checkpoint, dtype, device, None, None, None, None,
+                                                              seed, None, adapter)
+    out = out if out is not None else Path("runs/eval") / Path(checkpoint).resolve().name
+    lm = TextModel(model, tokenizer, eos, batch_size=batch_size, progress=progress)
+    meta = {"checkpoint": str(checkpoint), "adapter": str(adapter) if adapter else None, "data_dir": str(data_dir)}
+    results = evaluate_tasks(task_list, lm, limit, seed, data_dir, chat, out, meta)
+    print(format_table(results))
+    print(f"saved {out / 'results.json'}", file=sys.stderr)
+    return results
+
+
+COMMANDS += [evaluate]
+
+
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
           max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto") -> None:

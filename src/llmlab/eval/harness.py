@@ -1,13 +1,13 @@
 """lm-evaluation-harness model adapter: runs any harness task on an llmlab checkpoint (optionally with an adapter).
 
     python -m llmlab.eval.harness --model llmlab --model_args ckpt=checkpoints/smollm2-135m-instruct \\
-        --tasks arc_easy --limit 50
+        --batch_size 8 --tasks arc_easy --limit 50
 
 lm-evaluation-harness (0.4.x) finds models in its own registry and has no plugin discovery, so a third-party model
 is available to it once the module that registers it has been imported: `python -m llmlab.eval.harness` imports
 this module and then runs the harness's own command line with the same arguments; from Python,
 `import llmlab.eval.harness` before `lm_eval.simple_evaluate(model="llmlab", ...)`. Model arguments: ckpt (required),
-adapter, batch_size, device, dtype, max_gen_toks.
+adapter, dtype, max_gen_toks; batch size and device come from the harness's own --batch_size and --device.
 
 Scoring goes through `llmlab.eval.runner.TextModel`, the same code `llmlab evaluate` uses; the harness's requests
 map onto it one to one (loglikelihood, loglikelihood_rolling, generate_until).
@@ -27,7 +27,6 @@ from llmlab.errors import LLMLabError
 from llmlab.eval.runner import TextModel
 
 
-@register_model("llmlab")
 class LLMLabLM(LM):
     """An llmlab checkpoint as an lm-evaluation-harness `LM`."""
 
@@ -38,8 +37,14 @@ class LLMLabLM(LM):
         if text_model is None:
             if not ckpt:
                 raise LLMLabError("lm_eval --model llmlab needs --model_args ckpt=<checkpoint folder>")
+            import torch
+
             from llmlab.generate import eos_token_ids, load_for_generation
 
+            if device and device.startswith("cuda") and not torch.cuda.is_available():
+                # the harness's --device defaults to cuda; on a machine without one, run on the CPU instead
+                print(f"llmlab: --device {device} is not available here; using cpu", file=sys.stderr)
+                device = "cpu"
             model, tokenizer, gen_config = load_for_generation(ckpt, device=device or "auto", dtype=dtype)
             if adapter:
                 from llmlab.finetune import apply_adapter
@@ -101,5 +106,9 @@ def main(argv: list[str] | None = None) -> None:
     cli_evaluate()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m llmlab.eval.harness`: register the importable class, not __main__'s copy
+    from llmlab.eval.harness import main as _main
+
+    _main()
+else:
+    register_model("llmlab")(LLMLabLM)
