@@ -15,10 +15,11 @@ from _serve import (
     wait_for,
 )
 
+from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
 from llmlab.errors import LLMLabError
 from llmlab.generate import SamplingParams, generate
-from llmlab.methods.lora import load_adapter
+from llmlab.methods.lora import load_adapter, save_adapter
 from llmlab.serve import load_engine, parse_adapters
 from llmlab.serve.engine import Engine, GenerationRequest, QueueFull
 from llmlab.serve.lora_multi import MultiLoRA
@@ -193,5 +194,26 @@ def test_bad_requests_and_options(fixture, engine):
     with pytest.raises(LLMLabError, match="given twice"):
         parse_adapters(["a=x", "a=y"])
     assert parse_adapters(["runs/final", "b=y"]) == {"final": Path("runs/final"), "b": Path("y")}
+    bottleneck = Path(fixture[1]["alpha"]).parent / "bottleneck"
+    bottleneck.mkdir(exist_ok=True)
+    (bottleneck / "adapter_config.json").write_text('{"adapter_type": "bottleneck", "dim": 8}')
+    with pytest.raises(LLMLabError, match="bottleneck adapters .* cannot be served"):
+        MultiLoRA(load_checkpoint(fixture[0])).add("b", bottleneck)
+    key = "model.layers.{}.self_attn.qkv_proj.lora_{}.q"
+    save_adapter(bottleneck.parent / "narrow", {key.format(0, "A"): torch.zeros(4, 32),
+                                                key.format(0, "B"): torch.zeros(64, 4)}, LoRAConfig(r=4, targets="q"))
+    with pytest.raises(LLMLabError, match=r"does not fit this model: .* has A \(4, 32\)"):
+        MultiLoRA(load_checkpoint(fixture[0])).add("n", bottleneck.parent / "narrow")
+    save_adapter(bottleneck.parent / "deep", {key.format(5, "A"): torch.zeros(4, 64),
+                                              key.format(5, "B"): torch.zeros(64, 4)}, LoRAConfig(r=4, targets="q"))
+    with pytest.raises(LLMLabError, match="names a layer beyond the model's 2"):
+        MultiLoRA(load_checkpoint(fixture[0])).add("d", bottleneck.parent / "deep")
+    multi = MultiLoRA(load_checkpoint(fixture[0]))
+    multi.add("a", fixture[1]["alpha"])
+    with pytest.raises(LLMLabError, match="given twice"):
+        multi.add("a", fixture[1]["beta"])
+    with pytest.raises(LLMLabError, match=r"unknown adapter\(s\) \['zeta'\]"):
+        with multi.select(["zeta"]):
+            pass
     with pytest.raises(LLMLabError, match="--max-batch and --queue-size"):
         Engine(load_checkpoint(fixture[0]), engine.tokenizer, [], max_batch=0)

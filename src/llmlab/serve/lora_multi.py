@@ -26,6 +26,10 @@ from llmlab.errors import LLMLabError
 from llmlab.methods.lora import _MODULE_OF, _slices, check_base, read_adapter
 
 
+def _read_text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 class MultiLoRALinear(nn.Module):
     """nn.Linear plus any number of named LoRA updates, applied to the rows `groups` assigns them."""
 
@@ -64,6 +68,9 @@ class MultiLoRA:
         """Load the PEFT LoRA adapter of `folder` under `name` (checked against the base model)."""
         if name in self.names:
             raise LLMLabError(f"--adapter: the name '{name}' is given twice")
+        if '"bottleneck"' in _read_text(Path(folder) / "adapter_config.json"):
+            raise LLMLabError(f"{folder}: bottleneck adapters (--method adapter) cannot be served per request; serve "
+                              "LoRA adapters, or use `llmlab generate/chat --adapter` for this one")
         config, raw, tensors = read_adapter(folder)
         check_base(self.model, raw["_metadata"], folder, raw.get("base_model_name_or_path"))
         layers = self.model.model.layers
