@@ -8,9 +8,11 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import openai
 import pytest
+import torch
 from _serve import (
     PROMPTS,
     ServerThread,
@@ -283,3 +285,28 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     bad = subprocess.run(cmd[:5] + ["--adapter", f"x={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "llmlab: error:" in bad.stderr and "peft_type is 'IA3'" in bad.stderr
+
+
+def test_client_giving_up_mid_generation_stops_it(fixture):
+    ckpt, _ = fixture
+    engine, tok = load_engine(ckpt, max_batch=2, max_seq_len=96)
+
+    def slow(ids, logits):  # 20 ms a token and no end-of-sequence: generation outlasts the client's patience
+        time.sleep(0.02)
+        return logits.index_fill(0, torch.tensor([tok.eos_id]), float("-inf"))
+
+    class Slow:
+        def prepare_chat(self, request, plan: ChatPlan) -> ChatPlan:
+            plan.logits_processor = slow
+            return plan
+
+    srv = ServerThread(create_app(engine, tok, "tiny", extensions=[Slow()]))
+    try:
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 70, "temperature": 0}
+        with pytest.raises(TimeoutError):
+            raw_request(srv, "POST", "/v1/chat/completions", body, timeout=0.6)
+        assert wait_for(lambda: engine.status()["cancelled"] == 1 and engine.status()["running"] == 0)
+        assert 0 < engine.status()["tokens"] < 70 and engine.status()["finished"] == 0
+    finally:
+        srv.stop()
+        engine.close()

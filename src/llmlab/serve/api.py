@@ -222,14 +222,20 @@ class _Run:
             self.engine.cancel(req)
 
     async def events(self, request: Request | None = None) -> AsyncIterator[Event]:
-        """Events until every engine request is done; polls `request` for a disconnect while waiting."""
+        """Events until every engine request is done. With `request` (non-streamed responses, which Starlette does
+        not watch), polls it for a disconnect every half second and cancels the generation if the client left."""
+        checked = self.loop.time()
         while self.open:
             try:
-                ev = await asyncio.wait_for(self.queue.get(), 0.5)
+                ev: Event | None = await asyncio.wait_for(self.queue.get(), 0.5)
             except asyncio.TimeoutError:
-                if request is not None and await request.is_disconnected():
+                ev = None
+            if request is not None and self.loop.time() - checked >= 0.5:
+                checked = self.loop.time()
+                if await request.is_disconnected():
                     self.cancel()
                     return
+            if ev is None:
                 continue
             if ev.kind == "done":
                 self.open -= 1
@@ -321,7 +327,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
         if body.stream:
-            return _stream(run, request, head, body, lambda ev: {"index": ev.index, "text": ev.text, "logprobs": None,
+            return _stream(run, head, body, lambda ev: {"index": ev.index, "text": ev.text, "logprobs": None,
                                                                   "finish_reason": ev.finish_reason})
         texts, reasons = await _collect(run, request, len(reqs) * n)
         choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": r}
@@ -358,7 +364,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion", "created": created, "model": body.model, **plan.extra}
         if body.stream:
-            return _stream_chat(run, request, {**head, "object": "chat.completion.chunk"}, body, n, plan)
+            return _stream_chat(run, {**head, "object": "chat.completion.chunk"}, body, n, plan)
         texts, reasons = await _collect(run, request, n)
         choices = []
         for i, (text, reason) in enumerate(zip(texts, reasons)):
@@ -414,7 +420,7 @@ def _sse_response(chunks: AsyncIterator[str]) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _guarded(run: _Run, request: Request, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+async def _guarded(run: _Run, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
     """The SSE chunks, an error chunk if generation fails, then [DONE]; the engine stops if the client leaves."""
     finished = False
     try:
@@ -430,19 +436,19 @@ async def _guarded(run: _Run, request: Request, chunks: AsyncIterator[str]) -> A
             run.cancel()
 
 
-def _stream(run: _Run, request: Request, head: dict[str, Any], body: _Sampling,
+def _stream(run: _Run, head: dict[str, Any], body: _Sampling,
             choice: Callable[[Event], dict[str, Any]]) -> StreamingResponse:
     async def chunks() -> AsyncIterator[str]:
-        async for ev in run.events(request):
+        async for ev in run.events():
             if ev.kind in ("delta", "finish"):
                 yield _sse({**head, "choices": [choice(ev)]})
         if _wants_usage(body):
             yield _sse({**head, "choices": [], "usage": run.usage()})
 
-    return _sse_response(_guarded(run, request, chunks()))
+    return _sse_response(_guarded(run, chunks()))
 
 
-def _stream_chat(run: _Run, request: Request, head: dict[str, Any], body: ChatCompletionRequest, n: int,
+def _stream_chat(run: _Run, head: dict[str, Any], body: ChatCompletionRequest, n: int,
                  plan: ChatPlan) -> StreamingResponse:
     def chunk(index: int, delta: dict[str, Any], reason: str | None = None) -> str:
         return _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}]})
@@ -451,7 +457,7 @@ def _stream_chat(run: _Run, request: Request, head: dict[str, Any], body: ChatCo
         held: list[list[str]] = [[] for _ in range(n)]  # with a finish hook the reply is only known at the end
         for i in range(n):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for ev in run.events(request):
+        async for ev in run.events():
             if ev.kind not in ("delta", "finish"):
                 continue
             reason = ev.finish_reason
@@ -469,4 +475,4 @@ def _stream_chat(run: _Run, request: Request, head: dict[str, Any], body: ChatCo
         if _wants_usage(body):
             yield _sse({**head, "choices": [], "usage": run.usage()})
 
-    return _sse_response(_guarded(run, request, chunks()))
+    return _sse_response(_guarded(run, chunks()))
