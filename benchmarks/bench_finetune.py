@@ -55,22 +55,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _hf_peft_lora(ckpt: str, cfg) -> tuple:
+def peft_lora(model, cfg):
+    """`model` (HF) with PEFT LoRA adapters of the same rank, alpha, dropout and targets as LoRAConfig `cfg`."""
     import peft
+
+    targets = [f"{t}_proj" for t in cfg.target_list()]
+    return peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                      target_modules=targets))
+
+
+def _hf_peft_lora(ckpt: str, cfg) -> tuple:
     import torch
     import transformers
-
-    from llmlab.methods import Method, next_token_loss
-
-    class HFMethod(Method):
-        def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-            return next_token_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+    from bench_train import hf_method
 
     model = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32, attn_implementation="sdpa")
-    targets = [f"{t}_proj" for t in cfg.target_list()]
-    model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                                       target_modules=targets))
-    return model, HFMethod()
+    return peft_lora(model, cfg), hf_method()
 
 
 def run_method(args: argparse.Namespace) -> dict:

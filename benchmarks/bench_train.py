@@ -26,14 +26,45 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_side(args: argparse.Namespace) -> dict:
+def hf_method():
+    """The HF side's `Method`: next-token loss on the logits HF returns (HF's own loss upcasts them to fp32 the same
+    way), so both sides run the same `train_step`."""
+    import torch
+
+    from llmlab.methods import Method, next_token_loss
+
+    class HFMethod(Method):
+        def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+            return next_token_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+
+    return HFMethod()
+
+
+def hf_llama(config, state_dict: dict | None = None, device: str = "cpu"):
+    """HF transformers' LlamaForCausalLM (SDPA attention) of an llmlab `ModelConfig`, built on `device` with HF's
+    random init, or holding an llmlab-named `state_dict`."""
     import torch
     import transformers
 
-    from llmlab.args import TrainConfig
     from llmlab.checkpoint import llmlab_to_hf
+
+    hf_config = transformers.LlamaConfig(**config.to_hf_dict())
+    hf_config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = transformers.LlamaForCausalLM(hf_config)
+    if state_dict is not None:
+        model.load_state_dict(llmlab_to_hf(state_dict, config), strict=False)
+        if config.tie_word_embeddings:
+            model.tie_weights()
+    return model
+
+
+def run_side(args: argparse.Namespace) -> dict:
+    import torch
+
+    from llmlab.args import TrainConfig
     from llmlab.config import ModelConfig
-    from llmlab.methods import Method, next_token_loss
+    from llmlab.methods import Method
     from llmlab.model import build_model
     from llmlab.train import Env, autocast_dtype, build_optimizer, train_step
 
@@ -53,17 +84,7 @@ def run_side(args: argparse.Namespace) -> dict:
     if args.side == "llmlab":
         model, method = ours, Method()
     else:
-        class HFMethod(Method):
-            def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-                return next_token_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])
-
-        hf_config = transformers.LlamaConfig(**config.to_hf_dict())
-        hf_config._attn_implementation = "sdpa"
-        model = transformers.LlamaForCausalLM(hf_config)
-        model.load_state_dict(llmlab_to_hf(ours.state_dict(), config), strict=False)
-        if config.tie_word_embeddings:
-            model.tie_weights()
-        method = HFMethod()
+        model, method = hf_llama(config, ours.state_dict()), hf_method()
         del ours
     model.to(device).train()
     cfg = TrainConfig(lr=3e-4, weight_decay=0.1, grad_clip=1.0, precision=args.precision)

@@ -245,3 +245,43 @@ def test_two_processes_match_one_with_the_same_global_batch(strategy: str, prese
     # the checkpoints of two processes load in one, with the same weights
     a, b = load_checkpoint(one / "final"), load_checkpoint(two / "checkpoints" / "step-000006")
     torch.testing.assert_close(b.state_dict(), a.state_dict(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_eager_losses(data_dir: Path, tmp_path: Path) -> None:
+    torch._dynamo.reset()
+    eager = run(data_dir, tmp_path / "eager", max_steps=3, save_every=0, eval_every=0)
+    compiled = run(data_dir, tmp_path / "compiled", max_steps=3, save_every=0, eval_every=0, compile=True)
+    assert sorted(compiled.losses) == sorted(eager.losses) == [1, 2, 3]
+    for step, loss in eager.losses.items():
+        assert compiled.losses[step] == pytest.approx(loss, rel=1e-4)
+    assert compiled.val_losses[3] == pytest.approx(eager.val_losses[3], rel=1e-4)
+    # the blocks were compiled in place: the saved model has the usual names and loads
+    assert load_checkpoint(compiled.final).config.num_hidden_layers == 2
+
+
+def test_bf16_true_trains_in_bf16(data_dir: Path, tmp_path: Path) -> None:
+    result = run(data_dir, tmp_path / "run", max_steps=6, save_every=0, eval_every=0, precision="bf16-true",
+                 lr=1e-2)
+    assert result.losses[6] < result.losses[1]
+
+
+def test_setup_precision_keeps_frozen_weights_in_bf16_only_for_methods_that_do_not_save_them() -> None:
+    from llmlab.args import LoRAConfig
+    from llmlab.methods import LoRA
+    from llmlab.train import setup_precision
+
+    for method, frozen in ((LoRA(LoRAConfig(targets="all")), torch.bfloat16), (Full(), torch.float32)):
+        model = method.prepare(build_model(ModelConfig.from_name("tiny")))
+        assert setup_precision(model, method, "bf16", torch.device("cpu")) == torch.bfloat16
+        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+        assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {frozen}
+    model = build_model(ModelConfig.from_name("tiny"))
+    assert setup_precision(model, Full(), "bf16-true", torch.device("cpu")) is None
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert setup_precision(model, Full(), "auto", torch.device("cpu")) is None
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(LLMLabError, match="'precision' must be auto, fp32, bf16 or bf16-true, got 'fp16'"):
+        small_config(precision="fp16").validate()

@@ -28,9 +28,11 @@ class TrainConfig:
         beta2: AdamW beta2 (LLaMA: 0.95).
         weight_decay: AdamW decoupled weight decay, applied to matrices only (not to norms and biases).
         grad_clip: Clip the global gradient norm to this value (0 = no clipping).
-        precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (autocast, weights stay fp32).
+        precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 (autocast; trained weights stay fp32,
+            frozen ones of LoRA/adapter/QLoRA runs are kept in bf16), or bf16-true (every weight in bf16, no
+            autocast: least memory, fastest, updates rounded to bf16).
         activation_checkpointing: Recompute each block's activations in the backward pass (less memory, ~30% slower).
-        compile: Compile the model with torch.compile.
+        compile: Compile the model with torch.compile (each transformer block, in place: one block's compile time).
         eval_every: Validation loss every this many steps (0 = only at the start and the end).
         eval_batches: Micro-batches per validation (per process).
         save_every: Write a checkpoint every this many steps (0 = only at the end).
@@ -83,8 +85,9 @@ class TrainConfig:
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
             raise LLMLabError(f"training options need lr > 0 and 0 <= min_lr_ratio <= 1, got lr={self.lr}, "
                               f"min_lr_ratio={self.min_lr_ratio}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise LLMLabError(f"training option 'precision' must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "bf16-true"):
+            raise LLMLabError(f"training option 'precision' must be auto, fp32, bf16 or bf16-true, got "
+                              f"{self.precision!r}")
         if self.strategy not in ("auto", "ddp", "fsdp"):
             raise LLMLabError(f"training option 'strategy' must be auto, ddp or fsdp, got {self.strategy!r}")
         if self.stop_at is not None and self.stop_at <= 0:

@@ -42,7 +42,8 @@ from llmlab.errors import LLMLabError
 from llmlab.methods import Method
 from llmlab.metrics import RunLogger
 
-__all__ = ["TrainConfig", "TrainData", "TrainResult", "evaluate", "lr_at", "train", "train_step"]
+__all__ = ["TrainConfig", "TrainData", "TrainResult", "compile_blocks", "evaluate", "lr_at", "setup_precision", "train",
+           "train_step"]
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "training_state.json"
@@ -183,10 +184,46 @@ def _grad_sync(wrapped: nn.Module, raw: nn.Module, env: Env) -> Callable[[bool],
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision option (None = plain fp32)."""
+    """The autocast dtype of a precision option (None = no autocast: plain fp32, or bf16-true)."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
+
+
+def setup_precision(model: nn.Module, method: Method, precision: str, device: torch.device) -> torch.dtype | None:
+    """Give a prepared model the dtypes of a precision option; returns the autocast dtype (None: no autocast).
+
+    bf16-true casts every floating parameter to bf16 (no fp32 master weights: least memory, fastest, AdamW
+    updates rounded to bf16). Under autocast, a method that saves only what it trains (`Method.saves_frozen`
+    False: LoRA, adapters, QLoRA) gets its frozen parameters stored in the autocast dtype: autocast would cast
+    them to it for every matmul anyway, so the fp32 copy of the frozen base is pure memory.
+    """
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)
+        return None
+    amp = autocast_dtype(precision, device)
+    if amp is not None and not method.saves_frozen:
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.requires_grad and p.is_floating_point() and p.dtype != amp:
+                    p.data = p.data.to(amp)
+    return amp
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile each transformer block of `model` in place (regional compilation); returns how many.
+
+    The blocks share one compiled graph (only their parameters differ), so compiling costs one block's time
+    whatever the depth; inductor fuses RMSNorm, RoPE and SwiGLU inside each block. The chunked head + loss stays
+    eager (it is made of large matmuls). Parameter names do not change. A model without LLaMA blocks (the
+    LSTM) gets 0 and is left alone (the loop compiles it whole).
+    """
+    from llmlab.model import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile()
+    return len(blocks)
 
 
 def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
@@ -426,14 +463,16 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
     torch.manual_seed(cfg.seed + env.rank)  # per-process randomness of the methods (the data has its own)
 
     raw = method.prepare(model.to(env.device))
+    amp = setup_precision(raw, method, cfg.precision, env.device)
     if cfg.activation_checkpointing:
         raw.gradient_checkpointing = True
+    in_place = cfg.compile and compile_blocks(raw) > 0  # before wrapping: FSDP2 shards the compiled blocks
     wrapped = wrap_model(raw, env)
+    forward = torch.compile(wrapped) if cfg.compile and not in_place else wrapped
     named = method.trainable_parameters(raw)  # after wrapping: FSDP replaces parameters by sharded ones
     params = [p for _, p in named]
     optimizer = build_optimizer(named, cfg, env)
-    forward = torch.compile(wrapped) if cfg.compile else wrapped
-    sync, amp = _grad_sync(wrapped, raw, env), autocast_dtype(cfg.precision, env.device)
+    sync = _grad_sync(wrapped, raw, env)
 
     progress = Progress()
     if start is not None:

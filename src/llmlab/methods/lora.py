@@ -71,28 +71,39 @@ class LoRALinear(nn.Module):
         """W0 x + b (QLoRA overrides it with the 4-bit matmul)."""
         return F.linear(x, self.weight, self.bias)
 
+    def joined_B(self) -> Tensor:
+        """All targets' scale * B as one (out_features, sum of ranks) matrix: block-diagonal, with zero rows where
+        no target adapts the output, so that one matmul h @ joined_B.T gives every target's update in place."""
+        blocks, row = [], 0
+        for name in self._order:
+            lo, hi = self.slices[name]
+            b = self.lora_B[name] * self.scale[name]
+            if lo > row:
+                blocks.append(b.new_zeros(lo - row, 0))
+            blocks.append(b)
+            row = hi
+        if row < self.out_features:
+            blocks.append(blocks[-1].new_zeros(self.out_features - row, 0))
+        return torch.block_diag(*blocks) if len(blocks) > 1 else blocks[0]
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_forward(x)
         if self.merged or not self.slices:
             return y
         xd = F.dropout(x, self.dropout, self.training) if self.dropout else x
-        # All A's in one matmul, then each target's B on its share of the rank dimension; the updates (zeros for
-        # rows no target covers) are joined with one cat and added once. In-place adds into slices of y cost a
-        # copy of the whole gradient per slice in backward.
+        # All A's in one matmul, all B's in one addmm onto the base output: h @ joined_B.T, block-diagonal over the
+        # targets. Nothing output-sized is built besides the result (per-target updates joined by cat cost an
+        # output-sized temporary and extra passes; in-place adds into slices of y copy the gradient per slice).
         names = self._order
         a_all = torch.cat([self.lora_A[n] for n in names]) if len(names) > 1 else self.lora_A[names[0]]
-        h = F.linear(xd.to(a_all.dtype), a_all)  # (..., sum of ranks)
-        parts, row, col = [], 0, 0
-        for name in names:
-            lo, hi = self.slices[name]
-            rank = self.lora_A[name].shape[0]
-            if lo > row:
-                parts.append(h.new_zeros(*h.shape[:-1], lo - row))
-            parts.append(F.linear(h[..., col:col + rank], self.lora_B[name]) * self.scale[name])
-            row, col = hi, col + rank
-        if row < self.out_features:
-            parts.append(h.new_zeros(*h.shape[:-1], self.out_features - row))
-        return y + (torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]).to(y.dtype)
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul casts; no fp32 copy of x
+            xd = xd.to(a_all.dtype)
+        h = F.linear(xd, a_all)  # (..., sum of ranks)
+        b_all = self.joined_B()  # (out, sum of ranks)
+        if not torch.is_autocast_enabled(x.device.type):
+            h, b_all = h.to(y.dtype), b_all.to(y.dtype)
+        out = torch.addmm(y.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b_all.t())
+        return out.view(y.shape)
 
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
@@ -349,6 +360,7 @@ class AddedModulesMethod(Method):
     folder format)."""
 
     config_class: type
+    saves_frozen = False  # only the added modules are saved: the frozen base may live in the compute dtype
 
     def __init__(self, config: Any = None, base_model: str | None = None) -> None:
         self.config = config or self.config_class()
