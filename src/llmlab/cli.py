@@ -100,8 +100,15 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
 def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float | None = None,
          top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
          seed: int | None = None, stop: str | list[str] | None = None, dtype: str = "auto", device: str = "auto",
-         compile: bool = False, adapter: Path | None = None) -> None:
+         compile: bool = False, adapter: Path | None = None, index: Path | None = None,
+         plugins: str | list[str] | None = None, passages: int = 4, context_tokens: int = 1024,
+         max_tool_rounds: int = 3, tool_choice: str = "auto") -> None:
     """Talk with a model: each input line is a user message, the reply streams back; the history is kept.
+
+    With --index, each answer is grounded in the indexed documents: the top passages go into the prompt, the model
+    cites them as [1], [2], and the cited sources are printed after the answer with their original text. With
+    --plugins, the model may call plug-ins (tool calls constrained to their schemas), see their results and answer;
+    each call is shown on stderr. See docs/copilot.md.
 
     `/reset` clears the history, `/exit` or end of input (Ctrl-D) quits. Works with piped input too
     (`printf 'Hi\\n' | llmlab chat CKPT`). Sampling options left unset come from generation_config.json.
@@ -120,12 +127,22 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
         adapter: An adapter folder (PEFT LoRA or llmlab bottleneck) to apply on top of the checkpoint, unmerged.
+        index: An index folder from `llmlab index`: answer from its documents and show the cited sources (with
+            --plugins it serves the search_documents plug-in instead).
+        plugins: Plug-ins the model may call, comma-separated (`calculator,current_time,search_documents`), or a
+            list; third-party ones come from the `llmlab.plugins` entry-point group.
+        passages: With --index: passages retrieved per question.
+        context_tokens: With --index: most prompt tokens the passages may take.
+        max_tool_rounds: With --plugins: most plug-in calls per message before the model must answer in text.
+        tool_choice: With --plugins: auto (the model chooses to call or answer) or required (the first reply to each
+            message is a call; small models seldom choose one themselves).
     """
     from llmlab.generate import ChatSession
 
     model, tokenizer, sampling, eos, stops = _load_for_generation(
         checkpoint, dtype, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
     session = ChatSession(model, tokenizer, system, max_new_tokens, sampling, eos, stops, compile)
+    session = _copilot_session(session, index, plugins, passages, context_tokens, max_tool_rounds, tool_choice)
     interactive = sys.stdin.isatty()
     if interactive:
         print("Type a message; /reset clears the history, /exit quits.", file=sys.stderr)
@@ -146,6 +163,8 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
             for piece in session.send(text):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
+            if index is not None and not plugins:
+                sys.stdout.write("\n\n" + session.sources())
         except LLMLabError as e:  # this message cannot be answered; the conversation goes on
             print(f"llmlab: error: {e}", file=sys.stderr)
             continue
@@ -154,6 +173,24 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
                 raise
         sys.stdout.write("\n")
         sys.stdout.flush()
+
+
+def _copilot_session(session, index: Path | None, plugins: str | list[str] | None, passages: int,
+                     context_tokens: int, max_tool_rounds: int, tool_choice: str = "auto"):
+    """The chat session `llmlab chat` talks to: plain, grounded in an index, or with plug-ins."""
+    names = [n.strip() for n in (plugins.split(",") if isinstance(plugins, str) else plugins or []) if n.strip()]
+    if names:
+        from llmlab.plugins import PluginContext, load_plugins
+        from llmlab.plugins.calling import ToolChat
+
+        return ToolChat(session, load_plugins(names, PluginContext(index=index)), max_tool_rounds,
+                        tool_choice=tool_choice)
+    if index is not None:
+        from llmlab.rag.grounded import GroundedChat
+        from llmlab.rag.index import open_index
+
+        return GroundedChat(session, open_index(index), passages, context_tokens)
+    return session
 
 
 def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature: float | None, top_k: int | None,
@@ -442,7 +479,7 @@ COMMANDS += [evaluate]
 
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
-          max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto") -> None:
+          max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto", index: Path | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, streaming) with a chat page.
 
     Requests are batched continuously (new ones join the running batch between decode steps); each request picks
@@ -463,6 +500,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         max_seq_len: KV-cache length per sequence (prompt + output), at most the model's context.
         dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
         device: auto, cpu, cuda or cuda:N.
+        index: An index folder from `llmlab index`: chat answers are grounded in its documents and the response
+            lists them in the extra field `sources` (docs/copilot.md). Tool calls (`tools`) work with or without it.
     """
     import os
 
@@ -478,7 +517,15 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
     if name in adapters:
         raise LLMLabError(f"--adapter name '{name}' is the base model's name; choose another (or --model-name)")
     key = api_key if api_key is not None else os.environ.get("LLMLAB_API_KEY") or None
-    app = create_app(engine, tokenizer, name, api_key=key)
+    from llmlab.serve.copilot import CopilotExtension
+
+    docs = None
+    if index is not None:
+        from llmlab.rag.index import open_index
+
+        docs = open_index(index)
+    copilot = CopilotExtension(tokenizer, engine.model.config.vocab_size, docs)
+    app = create_app(engine, tokenizer, name, api_key=key, extensions=[copilot])
     print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}) on http://{host}:{port}/",
           file=sys.stderr)
     try:
@@ -488,6 +535,47 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
 
 COMMANDS += [serve]
+
+
+def index(paths: Path | list[Path], *, out: Path, chunk_tokens: int = 200, overlap: int = 40,
+          progress: bool = True) -> None:
+    """Index text, Markdown and PDF files for grounded chat: chunks, offline embeddings and keywords in one SQLite
+    file (OUT/index.sqlite). Re-running updates it: changed files are re-indexed, deleted ones dropped, unchanged
+    ones skipped; an interrupted run leaves the previous index as it was. See docs/copilot.md.
+
+    Args:
+        paths: Files or folders to index (folders are searched recursively for .txt, .md, .markdown, .rst, .pdf);
+            one path or a list (`'["docs", "notes.md"]'`). The index mirrors the paths of the latest run.
+        out: The index folder.
+        chunk_tokens: Chunk length in the embedding model's tokens (it reads at most 256).
+        overlap: Tokens shared by consecutive chunks, so a sentence cut at a boundary is whole in one of them.
+        progress: Show a progress bar on stderr.
+    """
+    from llmlab.rag.index import build_index
+
+    stats = build_index(paths if isinstance(paths, list) else [paths], out, chunk_tokens=chunk_tokens,
+                        overlap=overlap, progress=progress)
+    print(f"{out}: {stats.summary()}")
+
+
+COMMANDS += [index]
+
+
+def _index_paths(argv: list[str]) -> list[str]:
+    """`llmlab index a b c --out X`: several positional paths become one JSON list (jsonargparse reads one value
+    per positional). Every option of `index` takes a value, so a word after `--name` (no `=`) is that value."""
+    if not argv or argv[0] != "index":
+        return argv
+    options, paths, i = [], [], 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "=" not in arg and arg not in ("--help", "--print_config") and i + 1 < len(argv):
+            options += [arg, argv[i + 1]]
+            i += 2
+            continue
+        (options if arg.startswith("-") else paths).append(arg)
+        i += 1
+    return ["index", *([json.dumps(paths)] if len(paths) > 1 else paths), *options]
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
@@ -522,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     try:
-        args = _append_repeated(_underscore_options(sys.argv[1:] if argv is None else argv))
+        args = _index_paths(_append_repeated(_underscore_options(sys.argv[1:] if argv is None else argv)))
         CLI(COMMANDS, args=args, as_positional=True,
             env_prefix="LLMLAB", default_env=False)
     except LLMLabError as e:

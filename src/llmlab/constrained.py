@@ -9,8 +9,8 @@ with no torch pin, it reads a `tokenizers` JSON directly, and its Lark front end
 text or a tool call whose JSON matches this schema" (what `tool_choice: auto` needs).
 
 JSON is compiled without free whitespace, so a small model cannot loop on spaces inside an object, and strings and
-arrays without a bound get one (`max_string`, `max_items`): a call then always ends within a known number of
-tokens. Both keep every output valid under the caller's original schema.
+arrays without a bound get one (`bounded_schema`): a call then always ends within a known number of tokens. Both
+keep every output valid under the caller's original schema.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import copy
 import json
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -43,10 +44,13 @@ def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> Any:
     return _LL_TOKENIZERS[key]
 
 
-def bounded_schema(schema: dict[str, Any], max_string: int = 200, max_items: int = 8) -> dict[str, Any]:
-    """A copy of `schema` whose unbounded strings and arrays get maxLength / maxItems, so generation must end.
+def bounded_schema(schema: dict[str, Any], max_string: int = 100, max_items: int = 8) -> dict[str, Any]:
+    """A copy of `schema` in which generation must end soon and cannot wander: free strings (no enum, const,
+    pattern or format) get a pattern of at most `max_string` characters (or their maxLength) without braces, angle
+    brackets or control characters, unbounded arrays get maxItems, and objects that list their properties allow no
+    others.
 
-    Anything the copy accepts the original accepts too (it only adds upper bounds).
+    Anything the copy accepts the original accepts too (it only narrows).
     """
     def walk(node: Any) -> Any:
         if isinstance(node, list):
@@ -57,8 +61,13 @@ def bounded_schema(schema: dict[str, Any], max_string: int = 200, max_items: int
         types = node.get("type")
         types = types if isinstance(types, list) else [types]
         free = not any(k in node for k in ("enum", "const", "pattern", "format"))
-        if "string" in types and free and "maxLength" not in node:
-            node["maxLength"] = max(max_string, node.get("minLength", 0))
+        if "string" in types and free:
+            # no braces, angle brackets or control characters, so a small model that "closes" its object or call
+            # early inside a string is made to close the string first; and a length bound
+            low, high = node.get("minLength", 0), node.get("maxLength", max(max_string, node.get("minLength", 0)))
+            node["pattern"] = "^[^{}<>\\x00-\\x1f]{%d,%d}$" % (low, high)
+        if "object" in types and "properties" in node and "additionalProperties" not in node:
+            node["additionalProperties"] = False  # otherwise any key with any value may follow, without end
         if "array" in types and "maxItems" not in node:
             node["maxItems"] = max(max_items, node.get("minItems", 0))
         return node
@@ -123,17 +132,12 @@ class GrammarLogitsProcessor:
         if self.matcher.is_error():
             raise LLMLabError(f"constrained decoding: the grammar does not compile: {self.matcher.get_error()}")
         self.consumed = 0
-        words = (self.vocab_size + 31) // 32
-        self._bitmask = torch.full((1, words), -1, dtype=torch.int32)
-        self._shifts = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> Tensor:
         """Bool (V,) of the tokens the grammar accepts next."""
-        from llguidance.torch import fill_next_token_bitmask
-
-        fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        bits = (self._bitmask[0, :, None] >> self._shifts) & 1  # (words, 32), bit j of word i = token 32*i + j
-        return bits.flatten()[:self.vocab_size].bool()
+        # bit j of 32-bit little-endian word i is token 32 * i + j, so the bytes unpack in token order
+        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        return torch.from_numpy(bits[:self.vocab_size].astype(bool))
 
     def __call__(self, generated_ids: list[int], logits: Tensor) -> Tensor:
         for token in generated_ids[self.consumed:]:
@@ -141,10 +145,10 @@ class GrammarLogitsProcessor:
                 raise LLMLabError(f"constrained decoding: token {token} was sampled outside the grammar "
                                   f"({self.matcher.get_error()})")
         self.consumed = len(generated_ids)
-        allowed = self.allowed().to(logits.device)
+        allowed = self.allowed()
         if logits.size(-1) > allowed.numel():  # logits wider than the tokenizer's vocabulary: padding ids
             allowed = torch.nn.functional.pad(allowed, (0, logits.size(-1) - allowed.numel()))
-        return logits.masked_fill(~allowed, float("-inf"))
+        return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
     @property
     def done(self) -> bool:
