@@ -176,3 +176,33 @@ def test_harness_command_line_finds_the_llmlab_model(setup, tmp_path):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "llmlab_t_mc" in proc.stdout and "acc" in proc.stdout
+
+
+def test_adapter_is_applied(setup, tmp_path):
+    """--adapter scores with the LoRA adapter on: the perplexity changes and equals the merged checkpoint's."""
+    import torch
+
+    from llmlab.args import LoRAConfig
+    from llmlab.checkpoint import save_checkpoint
+    from llmlab.methods import LoRA
+    from llmlab.methods.lora import merge_and_unload
+
+    ckpt, tasks = setup
+    method = LoRA(LoRAConfig(), base_model=str(ckpt))
+    model = method.prepare(load_checkpoint(ckpt))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _, p in method.trainable_parameters(model):
+            p.normal_(std=0.2)  # B starts at zero: give the adapter an effect
+    adapter = method.save(model, tmp_path / "adapter")
+    save_checkpoint(merge_and_unload(model), tmp_path / "merged", tokenizer=Tokenizer.from_folder(ckpt))
+
+    def ppl(*args: str) -> float:
+        out = tmp_path / f"o{len(args)}{args[-1][-6:]}"
+        assert main(["evaluate", *args, "--tasks", str(tasks / "ppl.yaml"), "--out", str(out),
+                     "--progress", "false"]) == 0
+        return json.loads((out / "results.json").read_text())["tasks"]["ppl"]["metrics"]["token_perplexity"]
+
+    base, with_adapter = ppl(str(ckpt)), ppl(str(ckpt), "--adapter", str(adapter))
+    assert with_adapter != pytest.approx(base, rel=1e-3)
+    assert with_adapter == pytest.approx(ppl(str(tmp_path / "merged")), rel=1e-4)

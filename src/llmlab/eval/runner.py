@@ -37,7 +37,8 @@ class TextModel:
                                                             else set())
         self.batch_size, self.max_batch_tokens, self.show_progress = batch_size, max_batch_tokens, progress
 
-    def _bar(self, total: int, desc: str) -> Any:
+    def progress_bar(self, total: int, desc: str) -> Any:
+        """A tqdm bar on stderr (disabled when progress is off)."""
         from tqdm import tqdm
 
         return tqdm(total=total, desc=desc, disable=not self.show_progress, leave=False, file=sys.stderr,
@@ -45,7 +46,7 @@ class TextModel:
 
     def loglikelihood_ids(self, requests: Sequence[tuple[Sequence[int], Sequence[int]]],
                           desc: str = "scoring") -> list[tuple[float, bool]]:
-        with self._bar(len(requests), desc) as bar:
+        with self.progress_bar(len(requests), desc) as bar:
             return scoring.loglikelihoods(self.model, requests, self.batch_size, self.max_batch_tokens, bar.update)
 
     def loglikelihood(self, pairs: Sequence[tuple[str, str]], desc: str = "scoring") -> list[tuple[float, bool]]:
@@ -66,7 +67,7 @@ class TextModel:
         ids = [self.tokenizer.encode(t, add_bos=False) for t in texts]
         max_len = self.model.config.max_position_embeddings
         n = sum(len(scoring.rolling_requests(i, 0, max_len)) for i in ids)
-        with self._bar(n, desc) as bar:
+        with self.progress_bar(n, desc) as bar:
             return scoring.rolling_loglikelihood(self.model, ids, scoring.prefix_token(self.tokenizer),
                                                  self.batch_size, self.max_batch_tokens, bar.update)
 
@@ -83,7 +84,7 @@ class TextModel:
         ids = [self.tokenizer.encode(p)[-(context - max_new_tokens):] for p in prompts]
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
         out: list[str] = [""] * len(ids)
-        with self._bar(len(ids), desc) as bar:
+        with self.progress_bar(len(ids), desc) as bar:
             for b, start in enumerate(range(0, len(order), self.batch_size)):
                 chunk = order[start:start + self.batch_size]
                 sampling = SamplingParams(temperature=temperature, seed=seed + b)
@@ -223,7 +224,7 @@ def _code(task: Task, recs: list[dict], lm: TextModel, prompt: PromptBuilder, se
     outputs = lm.generate(prompts, task.max_new_tokens, task.stop, task.temperature, seed, task.name)
     limits = SandboxLimits(timeout=task.timeout)
     samples, statuses = [], Counter()
-    with lm._bar(len(outputs), f"{task.name} tests") as bar:
+    with lm.progress_bar(len(outputs), f"{task.name} tests") as bar:
         for i, rec in enumerate(recs):
             runs = []
             for completion in outputs[i * task.samples:(i + 1) * task.samples]:
