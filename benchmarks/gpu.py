@@ -125,8 +125,8 @@ class Worker:
         self.device = torch.device(args.device)
         self.config = ModelConfig.from_name(preset)
         self.cuda = self.device.type == "cuda"
-        name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
-        self.peak_flops, self.bandwidth = gpu_specs(name, args)
+        self.device_name = torch.cuda.get_device_name(self.device) if self.cuda else "cpu"
+        self.peak_flops, self.bandwidth = gpu_specs(self.device_name, args)
         self.batch = (SMOKE_MODELS if args.smoke else MODELS)[preset]
         if self.cuda:
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -332,6 +332,11 @@ class Worker:
         self.sync()
         seconds = time.perf_counter() - t0
         assert steps == n, f"decoded {steps} tokens, expected {n}"
+        if self.engine == "llmlab" and compile:  # the compiled step (and its CUDA graphs) holds this model
+            from llmlab.generate import _COMPILED
+
+            _COMPILED.clear()
+            torch._dynamo.reset()
         tps = batch * n / seconds
         row = {"case": f"decode b{batch}", "label": label, "tokens_per_s": tps, "mfu": None,
                "peak_gib": self.peak_gib()}
@@ -393,7 +398,7 @@ def run_worker(args: argparse.Namespace) -> None:
             except Exception as e:  # report and go on with the next case
                 traceback.print_exc()
                 row["status"] = f"error: {type(e).__name__}: {str(e)[:120]}"
-        row["case_id"] = case
+        row["case_id"], row["device"] = case, w.device_name
         print(json.dumps(row), flush=True)
         w.reset_memory()
 
@@ -512,12 +517,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     import torch
 
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():  # no CUDA context here: the GPU is the workers'
         sys.exit("gpu.py: no CUDA device (run with --smoke or --device cpu for a CPU check)")
-    name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    peak, bw = gpu_specs(name, args)
     t0 = time.time()
     rows = run_all(args, argv)
+    name = next((r["device"] for r in rows if r.get("device")), args.device)
+    peak, bw = gpu_specs(name, args)
     versions = ", ".join(f"{m} {version(m)}" for m in ("torch", "transformers", "peft", "bitsandbytes", "litgpt"))
     print(f"\n{name}: bf16 peak {fmt(peak and peak / 1e12, '.0f')} TFLOP/s, bandwidth "
           f"{fmt(bw and bw / 1e12, '.2f')} TB/s; {versions}; seq {args.seq_len}, {args.steps} timed steps after "

@@ -109,3 +109,25 @@ def test_method_loss_uses_the_fused_path_and_can_turn_it_off(monkeypatch):
     plain = Method().loss(model, batch)
     assert calls == [1]
     torch.testing.assert_close(fused, plain)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_chunked_loss_on_cuda_under_bf16_autocast_and_compiled_blocks():
+    from llmlab.train import compile_blocks
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny"), device="cuda")
+    idx = torch.randint(0, 256, (4, 64), device="cuda")
+    labels = torch.roll(idx, -1, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        plain = next_token_loss(model(idx), labels)
+        fused = model(idx, labels=labels)
+    torch.testing.assert_close(fused, plain, rtol=2e-3, atol=2e-3)
+    grads = _grads(fused, *model.parameters())
+    compile_blocks(model)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        compiled = model(idx, labels=labels)
+    torch.testing.assert_close(compiled, fused, rtol=1e-2, atol=1e-2)
+    for a, b in zip(_grads(compiled, *model.parameters()), grads):
+        torch.testing.assert_close(a, b, rtol=0.1, atol=1e-3)
