@@ -85,15 +85,25 @@ def generation_speed(model, tokenizer, n_tokens: int) -> float:
     return made / (time.perf_counter() - t0)
 
 
-def measure(name: str, model, teacher_logp, tokenizer, rows, gen_tokens: int) -> dict:
+def quality(name: str, model, teacher_logp, rows) -> dict:
+    """Parameters, blocks, held-out perplexity and KL to the teacher of one model."""
     model.eval()
     t0 = time.perf_counter()
     ppl, kl = perplexity_and_kl(model, rows, teacher_logp)
     print(f"{name}: perplexity {ppl:.2f}, KL {kl:.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    speed = generation_speed(model, tokenizer, gen_tokens)
-    print(f"{name}: {speed:.1f} generated tokens/s", file=sys.stderr)
     return {"model": name, "params": model.config.num_params(), "blocks": model.config.num_hidden_layers,
-            "gen_tokens_per_s": speed, "perplexity": ppl, "kl_to_teacher": kl}
+            "perplexity": ppl, "kl_to_teacher": kl}
+
+
+def speeds(models: list, tokenizer, n_tokens: int, rounds: int) -> list[float]:
+    """Median generation tokens/s of each model over `rounds` rounds that take the models in turn, so that a
+    change in the machine's load during the measurement touches every model alike."""
+    runs: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        for i, model in enumerate(models):
+            runs[i].append(generation_speed(model, tokenizer, n_tokens))
+        print(f"generation round {r + 1}: " + ", ".join(f"{x[-1]:.1f}" for x in runs) + " tokens/s", file=sys.stderr)
+    return [sorted(x)[len(x) // 2] for x in runs]
 
 
 def main() -> int:
@@ -102,13 +112,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/distill-smollm2"))
     ap.add_argument("--train-examples", type=int, default=2000)
     ap.add_argument("--eval-examples", type=int, default=25)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--lr", type=float, default=6e-4)
     ap.add_argument("--loss", default="forward_kl")
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--gen-tokens", type=int, default=32)
+    ap.add_argument("--gen-rounds", type=int, default=3)
     args = ap.parse_args()
     if not (DATA / "gsm8k_train.jsonl").is_file():
         print(f"{DATA}/gsm8k_train.jsonl not found: this benchmark needs the shared data folder", file=sys.stderr)
@@ -127,9 +138,9 @@ def main() -> int:
     rows = held_out_rows(tokenizer, read_jsonl(DATA / "gsm8k_test.jsonl", args.eval_examples), args.seq_len)
     layers = parse_layers("every-other", teacher.config.num_hidden_layers)
     logp = teacher_log_probs(teacher, rows)
-    results = [measure("teacher", teacher, logp, tokenizer, rows, args.gen_tokens),
-               measure("student, layer-dropped, untrained", student_from_teacher(teacher, layers), logp,
-                       tokenizer, rows, args.gen_tokens)]
+    untrained = student_from_teacher(teacher, layers)
+    results = [quality("teacher", teacher, logp, rows),
+               quality("student, layer-dropped, untrained", untrained, logp, rows)]
 
     train_file = args.out / "gsm8k_train_subset.jsonl"
     train_file.write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(DATA / "gsm8k_train.jsonl",
@@ -147,7 +158,9 @@ def main() -> int:
     train_s = float(last[header.index("elapsed_s")])
     tokens = int(float(last[header.index("tokens")]))
     student = load_checkpoint(run / "final")
-    results.append(measure("student, distilled", student, logp, tokenizer, rows, args.gen_tokens))
+    results.append(quality("student, distilled", student, logp, rows))
+    for r, speed in zip(results, speeds([teacher, untrained, student], tokenizer, args.gen_tokens, args.gen_rounds)):
+        r["gen_tokens_per_s"] = speed
 
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "train_seconds": train_s, "wall_seconds": wall,
                "train_tokens": tokens, "held_out_answer_tokens": sum(int((lab != -100).sum()) for _, lab in rows),
