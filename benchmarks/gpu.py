@@ -355,7 +355,8 @@ def worker_cases(args: argparse.Namespace, engine: str) -> list[tuple[str, str, 
     if engine == "llmlab":
         c = " (compiled blocks)" if compiled else ""
         return [("train-full", f"llmlab{c}", tc), ("train-lora", f"llmlab LoRA{c}", tc),
-                ("decode-1", "llmlab static cache" + (" + compile + CUDA graphs" if compiled else ""), dc),
+                ("decode-1", "llmlab static cache" + (" + compile" if compiled else "")
+                 + (" + CUDA graphs" if compiled and args.device.startswith("cuda") else ""), dc),
                 ("decode-32", "llmlab static cache" + (" + compile" if compiled else ""), dc),
                 ("train-qlora", "llmlab QLoRA (NF4, act. ckpt, eager)", COST["train"])]
     if engine == "hf":
@@ -381,7 +382,10 @@ def run_worker(args: argparse.Namespace) -> None:
     for case in case_ids.split(","):
         label, cost = cases[case]
         row = {"model": preset, "case": case, "label": label}
-        if time.time() + cost > args.deadline:
+        needs = {"train-qlora": "bitsandbytes", "train-lora": "peft" if base == "hf" else None}.get(case)
+        if needs and not importable(needs):
+            row["status"] = f"skipped ({needs} not installed)"
+        elif time.time() + cost > args.deadline:
             row["status"] = "skipped (time budget)"
         else:
             try:
@@ -430,9 +434,7 @@ def jobs(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
             cases = [c for c, _, _ in worker_cases(args, engine)]
             cases = [c for c in cases if not (c.startswith("train") and "train" in skip)
                      and not (c.startswith("decode") and "decode" in skip)]
-            if engine == "hf" and not importable("peft"):
-                cases = [c for c in cases if c != "train-lora"]
-            if engine == "llmlab" and ("qlora" in skip or preset != models[-1] or not importable("bitsandbytes")):
+            if engine == "llmlab" and ("qlora" in skip or preset != models[-1]):
                 cases = [c for c in cases if c != "train-qlora"]
             out.append((engine, preset, cases))
     big = models[-1]

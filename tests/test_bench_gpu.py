@@ -67,13 +67,13 @@ def test_smoke_run_covers_every_case_on_cpu(tmp_path):
     import json
 
     rows = json.loads(out.read_text())
-    bad = [(r["model"], r["case_id"], r["label"], r["status"]) for r in rows if r["status"] != "ok"]
+    bad = [(r["model"], r["case_id"], r["label"], r["status"]) for r in rows
+           if r["status"] != "ok" and not r["status"].endswith("not installed)")]
     assert not bad, proc.stderr[-3000:]
     cases = {(r["case_id"], r["label"].split()[0]) for r in rows}
     for case in ("train-full", "train-lora", "decode-1", "decode-32"):
         assert {(case, "HF"), (case, "llmlab")} <= cases
     assert ("decode-1-static", "HF") in cases and ("maxbatch", "HF") in cases and ("maxbatch", "llmlab") in cases
-    if gpu.importable("bitsandbytes"):
-        assert ("train-qlora", "llmlab") in cases
+    assert ("train-qlora", "llmlab") in cases
     assert next(r for r in rows if r["case_id"] == "maxbatch")["max_batch"] == 4  # the simulated memory limit
     assert "| model | case | engine | tokens/s |" in proc.stdout
