@@ -80,8 +80,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_w:
                 if w.dtype == torch.float32:
                     grad_w.addmm_(g.t(), hc)
-                else:
-                    grad_w += (g.t() @ hc).float()
+                else:  # bf16 product, accumulated in fp32 without an fp32 temporary
+                    grad_w.add_(g.t() @ hc)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(w.dtype))
         return total * scale
 
