@@ -35,3 +35,20 @@ class HashEmbedder:
                 out[i, zlib.crc32(word.encode()) % self.dim] += 1.0
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-9)
+
+
+def tiny_long_checkpoint(folder):
+    """A random tiny model (the tiny byte-level BPE tokenizer of 300 tokens, chat template) whose context has room
+    for tool descriptions and passages: 2048 positions instead of the tiny preset's 128."""
+    import torch
+    from _tiny import tiny_tokenizer
+
+    from llmlab.checkpoint import save_checkpoint
+    from llmlab.config import ModelConfig
+    from llmlab.model import build_model
+
+    tok = tiny_tokenizer()
+    cfg = ModelConfig.from_name("tiny", vocab_size=300, max_position_embeddings=2048)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
+    torch.manual_seed(0)
+    return save_checkpoint(build_model(cfg), folder, tokenizer=tok)

@@ -7,10 +7,8 @@ import json
 import jsonschema
 import pytest
 import torch
-from _tiny import tiny_tokenizer
+from _rag import tiny_long_checkpoint
 
-from llmlab.checkpoint import save_checkpoint
-from llmlab.config import ModelConfig
 from llmlab.constrained import bounded_schema, json_processor, tool_call_processor
 from llmlab.errors import LLMLabError
 from llmlab.generate import SamplingParams, generate_tokens, load_for_generation, stream
@@ -29,15 +27,7 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": SCHE
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A random tiny model (byte-level BPE of 300 tokens) with room for tool descriptions in its context."""
-    from llmlab.model import build_model
-
-    tok = tiny_tokenizer()
-    cfg = ModelConfig.from_name("tiny", vocab_size=300, max_position_embeddings=2048)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
-    torch.manual_seed(0)
-    folder = save_checkpoint(build_model(cfg), tmp_path_factory.mktemp("c") / "tiny", tokenizer=tok)
-    model, tok, _ = load_for_generation(folder)
+    model, tok, _ = load_for_generation(tiny_long_checkpoint(tmp_path_factory.mktemp("c") / "tiny"))
     return model, tok
 
 

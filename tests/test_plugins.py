@@ -8,11 +8,8 @@ import sys
 import time
 
 import pytest
-import torch
-from _tiny import tiny_tokenizer
+from _rag import tiny_long_checkpoint
 
-from llmlab.checkpoint import save_checkpoint
-from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.generate import ChatSession, SamplingParams, load_for_generation
 from llmlab.plugins import Plugin, PluginContext, available_plugins, load_plugins, run_plugin
@@ -169,14 +166,7 @@ def test_tool_choice_errors():
 # -- the loop ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_session(tmp_path_factory):
-    from llmlab.model import build_model
-
-    tok = tiny_tokenizer()
-    cfg = ModelConfig.from_name("tiny", vocab_size=300, max_position_embeddings=2048)
-    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_id, tok.eos_id, tok.pad_id
-    torch.manual_seed(0)
-    model, tok, _ = load_for_generation(save_checkpoint(build_model(cfg), tmp_path_factory.mktemp("p") / "m",
-                                                        tokenizer=tok))
+    model, tok, _ = load_for_generation(tiny_long_checkpoint(tmp_path_factory.mktemp("p") / "m"))
     return lambda: ChatSession(model, tok, max_new_tokens=60, sampling=SamplingParams(temperature=1.0, seed=0))
 
 

@@ -65,7 +65,7 @@ def bounded_schema(schema: dict[str, Any], max_string: int = 100, max_items: int
             # no braces, angle brackets or control characters, so a small model that "closes" its object or call
             # early inside a string is made to close the string first; and a length bound
             low, high = node.get("minLength", 0), node.get("maxLength", max(max_string, node.get("minLength", 0)))
-            node["pattern"] = "^[^{}<>\\x00-\\x1f]{%d,%d}$" % (low, high)
+            node["pattern"] = "^[^{}<>\\x00-\\x1f]{" + f"{low},{high}" + "}$"
         if "object" in types and "properties" in node and "additionalProperties" not in node:
             node["additionalProperties"] = False  # otherwise any key with any value may follow, without end
         if "array" in types and "maxItems" not in node:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,7 +151,8 @@ def _progress(total: int, enabled: bool):  # noqa: ANN202 - a tqdm bar or None
 
 
 class Index:
-    """An index folder opened for search; the embedder loads on the first query."""
+    """An index folder opened for search; the embedder loads on the first query. Searches from several threads (the
+    server's workers) take turns on the one connection and model."""
 
     def __init__(self, folder: Path, embedder: EmbedderLike | None = None) -> None:
         self.folder = Path(folder)
@@ -164,6 +166,7 @@ class Index:
         if embedder is not None and self.embedder_name not in (None, embedder.name):
             raise LLMLabError(f"{self.folder}: built with {self.embedder_name}, queried with {embedder.name}")
         self._embedder = embedder
+        self._lock = threading.Lock()
 
     @property
     def embedder(self) -> EmbedderLike:
@@ -178,8 +181,9 @@ class Index:
         """The k passages that best match `query` (hybrid: vector similarity + BM25 keywords, fused by rank)."""
         if not query.strip():
             raise LLMLabError("the search query is empty")
-        vector = self.embedder.encode([query])[0]
-        return self.store.search(query, vector, k)
+        with self._lock:
+            vector = self.embedder.encode([query])[0]
+            return self.store.search(query, vector, k)
 
     def close(self) -> None:
         self.store.close()

@@ -1,0 +1,123 @@
+"""The server's copilot extension over real HTTP with the official `openai` client: `tools` / `tool_choice` give
+`tool_calls` whose arguments validate against their schemas, the conversation goes on after a `tool` message, and
+`--index` adds the passages as `sources`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import openai
+import pytest
+from _rag import HashEmbedder, tiny_long_checkpoint
+from _serve import ServerThread, one_thread  # noqa: F401  (a fixture, used through pytestmark)
+
+from llmlab.rag.index import build_index, open_index
+from llmlab.serve import load_engine
+from llmlab.serve.api import create_app
+from llmlab.serve.copilot import CopilotExtension
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "copilot_tools.py"
+_spec = importlib.util.spec_from_file_location("copilot_tools", EXAMPLE)
+tools_demo = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(tools_demo)
+TOOLS, check_calls = tools_demo.TOOLS, tools_demo.check_calls
+
+
+def serve(ckpt, index=None, max_seq_len: int = 2048) -> tuple[ServerThread, object]:
+    engine, tok = load_engine(ckpt, None, max_batch=4, max_seq_len=max_seq_len, queue_size=8)
+    app = create_app(engine, tok, "m", extensions=[CopilotExtension(tok, engine.model.config.vocab_size, index)])
+    return ServerThread(app), engine
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory):
+    srv, engine = serve(tiny_long_checkpoint(tmp_path_factory.mktemp("copilot") / "tiny"))
+    yield srv
+    srv.stop()
+    engine.close()
+
+
+@pytest.fixture
+def client(tiny_server):
+    return openai.OpenAI(base_url=tiny_server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_model_tool_calls_validate(client, seed):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What does the cat say?"}],
+                                       tools=TOOLS, tool_choice="required", temperature=1.0, seed=seed,
+                                       max_tokens=300)
+    assert r.choices[0].finish_reason == "tool_calls"
+    check_calls(r.choices[0].message)
+
+
+def test_named_tool_choice_and_continuation_after_a_tool_message(client):
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Add 2 and 3"}], tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "add"}},
+                                       max_tokens=300)
+    msg = r.choices[0].message
+    assert msg.tool_calls[0].function.name == "add"
+    check_calls(msg)
+    history = [{"role": "user", "content": "Add 2 and 3"},
+               {"role": "assistant", "content": None, "tool_calls": [c.model_dump() for c in msg.tool_calls]},
+               {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": "5"}]
+    after = client.chat.completions.create(model="m", messages=history, tools=TOOLS, tool_choice="none",
+                                           max_tokens=20)
+    assert after.choices[0].message.tool_calls is None
+    assert after.choices[0].message.role == "assistant" and after.choices[0].finish_reason in ("stop", "length")
+    auto = client.chat.completions.create(model="m", messages=history, tools=TOOLS, max_tokens=300, seed=1,
+                                          temperature=1.0)
+    choice = auto.choices[0]
+    if choice.message.tool_calls:  # "auto": either a valid call or a text reply that is not a broken call
+        check_calls(choice.message)
+    else:
+        assert not (choice.message.content or "").lstrip().startswith("<")
+
+
+def test_tool_errors_are_400(client):
+    with pytest.raises(openai.BadRequestError, match="names the function 'nope', which is not in 'tools'"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], tools=TOOLS,
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(openai.BadRequestError, match=r"tools\[0\]: expected"):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                       tools=[{"type": "retrieval"}])
+
+
+def test_index_adds_sources_and_citations(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "volcano.md").write_text("Mount Keldar erupted in 1887.\n")
+    (docs / "tea.txt").write_text("Green tea is steeped at 80 degrees.\n")
+    embedder = HashEmbedder()
+    build_index([docs], tmp_path / "idx", embedder=embedder, progress=False)
+    srv, engine = serve(tiny_long_checkpoint(tmp_path / "tiny"), open_index(tmp_path / "idx", embedder))
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="m", max_tokens=8,
+                                           messages=[{"role": "user", "content": "When did Mount Keldar erupt?"}])
+        sources = r.model_extra["sources"]
+        assert sources[0]["index"] == 1 and sources[0]["path"].endswith("volcano.md")
+        assert sources[0]["text"] == "Mount Keldar erupted in 1887." and sources[0]["line_start"] == 1
+        assert isinstance(r.choices[0].message.model_extra["citations"], list)
+    finally:
+        srv.stop()
+        engine.close()
+
+
+@pytest.mark.slow
+def test_default_model_tool_calls_validate_on_20_prompts(default_ckpt):
+    """SmolLM2-135M-Instruct through the real server: 20 varied prompts (some about none of the tools), each
+    answered with a schema-valid call; then a conversation continues after the tool result (examples/copilot_tools.py,
+    whose `run` raises on any invalid call)."""
+    srv, engine = serve(default_ckpt, max_seq_len=1024)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=600)
+        lines: list[str] = []
+        assert tools_demo.run(client, log=lines.append) == 20
+        assert lines[-1] == "20/20 tool calls parsed and matched their schema"
+    finally:
+        srv.stop()
+        engine.close()
