@@ -62,8 +62,17 @@ async def client_loop(client, model: str, worker: int, deadline: float, max_toke
         i += 1
 
 
+def health(base_url: str) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=10) as r:
+        return json.loads(r.read())
+
+
 async def phase(base_url: str, model: str, clients: int, duration: float, max_tokens: int) -> dict:
     import openai
+
+    before = health(base_url)
 
     async with openai.AsyncOpenAI(base_url=base_url, api_key="bench", max_retries=0, timeout=600) as client:
         stats = {"tokens": 0, "requests": 0, "errors": [], "ttft": []}
@@ -71,7 +80,11 @@ async def phase(base_url: str, model: str, clients: int, duration: float, max_to
         await asyncio.gather(*(client_loop(client, model, w, start + duration, max_tokens, stats)
                                for w in range(clients)))
         wall = time.perf_counter() - start
-    return {"clients": clients, "wall_s": round(wall, 1), "requests": stats["requests"], "tokens": stats["tokens"],
+    after = health(base_url)
+    steps = after["steps"] - before["steps"]
+    return {"clients": clients, "mean_batch": round((after["tokens"] - before["tokens"]) / max(steps, 1), 1),
+            "prefill_tokens_reused": after["prefix_tokens"] - before["prefix_tokens"], "wall_s": round(wall, 1),
+            "requests": stats["requests"], "tokens": stats["tokens"],
             "tokens_per_s": round(stats["tokens"] / wall, 2), "errors": len(stats["errors"]),
             "first_errors": stats["errors"][:3],
             "median_ttft_s": round(statistics.median(stats["ttft"]), 3) if stats["ttft"] else None}
@@ -120,11 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(60)
     ratio = many["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
-    header = ("clients", "wall s", "requests", "tokens", "tokens/s", "TTFT p50 s", "errors")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 7, 9, 7, 9, 11, 7))))
+    header = ("clients", "wall s", "requests", "tokens", "tokens/s", "TTFT p50 s", "mean batch", "errors")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 7, 9, 7, 9, 11, 11, 7))))
     for r in (one, many):
         print(f"{r['clients']:>8} {r['wall_s']:>7} {r['requests']:>9} {r['tokens']:>7} {r['tokens_per_s']:>9} "
-              f"{r['median_ttft_s']!s:>11} {r['errors']:>7}")
+              f"{r['median_ttft_s']!s:>11} {r['mean_batch']:>11} {r['errors']:>7}")
     print(f"aggregate throughput ratio, {args.clients} clients / 1 client: {ratio:.2f}x (goal >= 6x)")
     for r in (one, many):
         for e in r["first_errors"]:

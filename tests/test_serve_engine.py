@@ -100,6 +100,20 @@ def test_mixed_adapter_batch_equals_each_adapter_alone(fixture, engine):
         assert got == [expected[name]], name
 
 
+def test_shared_prompt_prefix_is_reused_and_changes_nothing(fixture, engine):
+    ckpt, adapters = fixture
+    tok = engine.tokenizer
+    system = {"role": "system", "content": "What does the cat say? The cat says meow. What does the dog say?"}
+    prompts = [tok.encode_chat([system, {"role": "user", "content": q}]) for q in ("The owl", "The cow", "pig")]
+    for adapter in (None, "alpha"):
+        before = engine.status()["prefix_tokens"]
+        for ids in prompts:
+            got = engine.generate(GenerationRequest(ids, 10, adapter=adapter), 60)
+            assert got == [alone(ckpt, ids, 10, adapters.get(adapter))]
+        shared = len(tok.encode_chat([system], add_generation_prompt=False))
+        assert engine.status()["prefix_tokens"] - before >= 2 * shared  # the 2nd and 3rd prompts reuse the system part
+
+
 def test_multi_lora_forward_equals_lora_linear_per_row(fixture):
     ckpt, adapters = fixture
     x = torch.randint(0, 300, (3, 9))

@@ -6,7 +6,9 @@ finish. Rows sit at different lengths, so each decode step feeds (B, 1) tokens a
 of shape (B, 1), see `LLaMA.forward`); attention covers the slots up to the longest row and a per-row causal mask
 hides the rest. A finished row's place is taken by the last row (its cache row is copied), so the running batch
 always occupies cache rows 0..B-1 and a step's cache is a view, never a gather. With `n` > 1 the prompt is
-prefilled once and its cache row copied to the other choices' rows.
+prefilled once and its cache row copied to the other choices' rows. The keys/values of the last prompt prefilled
+(per adapter) are kept: a prompt that starts the same way (a chat template's system part, a conversation's history)
+gets that prefix copied in and prefills only the rest.
 
 Each request carries its own sampling parameters and random generator (a seed reproduces its sample whatever else
 is in the batch), its stop strings (`llmlab.generate.TextStream`), its LoRA adapter (`MultiLoRA` applies each row's
@@ -123,7 +125,9 @@ class Engine:
         self._rows: list[_Row] = []
         self._ids = itertools.count(1)
         self._closing = False
-        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0}
+        self._prefix: dict[str | None, tuple[Sequence[int], list[tuple[Tensor, Tensor]]]] = {}  # adapter -> last prompt
+        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0,
+                      "prefix_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
         self._thread.start()
 
@@ -261,17 +265,43 @@ class Engine:
 
     def _prefill(self, req: GenerationRequest) -> None:
         T, first = len(req.prompt_ids), len(self._rows)
-        tokens = torch.tensor([req.prompt_ids], device=self.device)
+        start = self._reuse_prefix(req, first)
+        tokens = torch.tensor([req.prompt_ids[start:]], device=self.device)
         with self._adapters([req.adapter]):
-            logits = self.model(tokens, input_pos=torch.arange(T, device=self.device)[None],
+            logits = self.model(tokens, input_pos=torch.arange(start, T, device=self.device)[None],
                                 cache_rows=torch.tensor([first], device=self.device), kv_len=T,
                                 last_only=True)[:, -1].float()  # (1, V)
+        self._remember_prefix(req, first)
         for j in range(1, req.n):  # the other choices start from a copy of the prompt's cache
             self._copy_row(first, first + j, T)
         rows = [_Row(req, j, T, TextStream(self.tokenizer, req.stop)) for j in range(req.n)]
         self._rows.extend(rows)
         self._accept(rows, self._sample(req, rows, logits.expand(req.n, -1)))
         self._compact()
+
+    def _reuse_prefix(self, req: GenerationRequest, row: int) -> int:
+        """Copy the cached keys/values of the longest prefix this prompt shares with the last prompt prefilled for
+        the same adapter into `row`; returns how many prompt tokens need no prefill (chat prompts share their
+        template's system part, so most of a short request's prefill is skipped)."""
+        ids, kv = self._prefix.get(req.adapter, ((), []))
+        n = 0
+        for a, b in zip(ids, req.prompt_ids[:-1]):  # the last prompt token is always run: its logits are needed
+            if a != b:
+                break
+            n += 1
+        if n:
+            for layer, (k, v) in zip(self.model.model.layers, kv):
+                cache = layer.self_attn.kv_cache
+                cache.k[row, :, :n] = k[:, :n]
+                cache.v[row, :, :n] = v[:, :n]
+            self.stats["prefix_tokens"] += n
+        return n
+
+    def _remember_prefix(self, req: GenerationRequest, row: int) -> None:
+        T = len(req.prompt_ids)
+        kv = [(layer.self_attn.kv_cache.k[row, :, :T].clone(), layer.self_attn.kv_cache.v[row, :, :T].clone())
+              for layer in self.model.model.layers]
+        self._prefix[req.adapter] = (list(req.prompt_ids), kv)
 
     def _step(self) -> None:
         rows = self._rows
