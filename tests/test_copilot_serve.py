@@ -102,6 +102,10 @@ def test_index_adds_sources_and_citations(tmp_path):
         assert sources[0]["index"] == 1 and sources[0]["path"].endswith("volcano.md")
         assert sources[0]["text"] == "Mount Keldar erupted in 1887." and sources[0]["line_start"] == 1
         assert isinstance(r.choices[0].message.model_extra["citations"], list)
+        chunks = list(client.chat.completions.create(model="m", max_tokens=8, stream=True, messages=[
+            {"role": "user", "content": "When did Mount Keldar erupt?"}]))
+        assert chunks[0].model_extra["sources"] == sources
+        assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) >= 1
     finally:
         srv.stop()
         engine.close()

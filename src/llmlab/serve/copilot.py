@@ -8,7 +8,8 @@ It plugs into `create_app(..., extensions=[CopilotExtension(...)])` (see llmlab.
   `tool_calls` with finish_reason "tool_calls";
 - with an index and a last message from the user (no tools): the top passages are put in that message, numbered,
   and the response carries them in the extra top-level field `sources` (list of {index, path, page, line_start,
-  line_end, location, text, score}); each choice's message has `citations`, the passage numbers its text cites.
+  line_end, location, text, score}); each choice's message has `citations`, the passage numbers its text cites
+  (not in streamed replies, which would otherwise be held back to the end: the chunks carry `sources`).
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class CopilotExtension:
             plan.logits_processor = processor
             plan.finish = _finish_tool_calls
         elif self.index is not None and messages and messages[-1]["role"] == "user":
-            self._ground(plan)
+            self._ground(plan, cite=not request.stream)
         return plan
 
-    def _ground(self, plan: ChatPlan) -> None:
+    def _ground(self, plan: ChatPlan, cite: bool) -> None:
         from llmlab.rag.grounded import INSTRUCTIONS, fit_passages, grounded_message, sources_payload
 
         question = plan.messages[-1]["content"]
@@ -58,6 +59,8 @@ class CopilotExtension:
         else:
             plan.messages.insert(0, {"role": "system", "content": INSTRUCTIONS})
         plan.extra["sources"] = [{k: v for k, v in s.items() if k != "cited"} for s in sources_payload("", passages)]
+        if not cite:  # a finish hook holds a streamed reply back until its end; streams keep streaming instead
+            return
 
         def finish(text: str) -> tuple[dict[str, Any], str | None]:
             cited = [s["index"] for s in sources_payload(text, passages) if s["cited"]]
