@@ -1,14 +1,14 @@
 """Continuous batching: one thread owns the model and decodes every running request together, one token a step.
 
-Between two decode steps the engine admits waiting requests: each is prefilled alone into a free row of the model's
-static KV cache and joins the running batch for the next step, so a new request never waits for the others to
-finish. Rows sit at different lengths, so each decode step feeds (B, 1) tokens at per-row cache slots (`input_pos`
-of shape (B, 1), see `LLaMA.forward`); attention covers the slots up to the longest row and a per-row causal mask
-hides the rest. A finished row's place is taken by the last row (its cache row is copied), so the running batch
-always occupies cache rows 0..B-1 and a step's cache is a view, never a gather. With `n` > 1 the prompt is
-prefilled once and its cache row copied to the other choices' rows. The keys/values of the last prompt prefilled
-(per adapter) are kept: a prompt that starts the same way (a chat template's system part, a conversation's history)
-gets that prefix copied in and prefills only the rest.
+Between two decode steps the engine admits waiting requests: they are prefilled (together, right-padded, in one forward)
+into free rows of the model's static KV cache and join the running batch for the next step, so a new request never
+waits for the others to finish. Rows sit at different lengths, so each decode step feeds (B, 1) tokens at per-row
+cache slots (`input_pos` of shape (B, 1), see `LLaMA.forward`); attention covers the slots up to the longest row and
+a per-row causal mask hides the rest. A finished row's place is taken by the last row (its cache row is copied), so
+the running batch always occupies cache rows 0..B-1 and a step's cache is a view, never a gather. With `n` > 1 the
+prompt is prefilled once and its cache row copied to the other choices' rows. The keys/values of the last prompt
+prefilled (per adapter) are kept: a prompt that starts the same way (a chat template's system part, a conversation's
+history) gets that prefix copied in and prefills only the rest.
 
 Each request carries its own sampling parameters and random generator (a seed reproduces its sample whatever else
 is in the batch), its stop strings (`llmlab.generate.TextStream`), its LoRA adapter (`MultiLoRA` applies each row's
@@ -243,41 +243,70 @@ class Engine:
             self.stats["cancelled"] += 1
 
     def _admit(self) -> None:
-        while True:
-            with self._cv:
-                if not self._waiting or len(self._rows) + self._waiting[0].n > self.max_batch:
-                    return
+        """Move the waiting requests that fit into the batch, prefilled together in one forward."""
+        batch, rows = [], len(self._rows)
+        with self._cv:
+            while self._waiting and rows + self._waiting[0].n <= self.max_batch:
                 req = self._waiting.popleft()
-            if req.cancelled:
-                self.stats["cancelled"] += 1
-                continue
+                if req.cancelled:
+                    self.stats["cancelled"] += 1
+                    continue
+                batch.append(req)
+                rows += req.n
+        if not batch:
+            return
+        try:
+            logits = self._prefill(batch, len(self._rows))
+        except Exception as e:
+            log.exception("prefill failed")
+            for req in batch:
+                self._fail(req, f"generation failed: {e}")
+            return
+        for i, req in enumerate(batch):  # rows go in the order of their cache rows; compaction waits for all
+            new = [_Row(req, j, len(req.prompt_ids), TextStream(self.tokenizer, req.stop)) for j in range(req.n)]
+            self._rows.extend(new)
             try:
-                self._prefill(req)
+                picked = self._sample(req, new, logits[i:i + 1].expand(req.n, -1))
             except Exception as e:  # e.g. a logits processor that raised: this request fails, not the batch
                 log.exception("request %d failed in prefill", req.id)
-                for row in self._rows:
-                    row.done = row.done or row.req is req
-                self._compact()
+                for row in new:
+                    row.done = True
                 self._fail(req, f"generation failed: {e}")
+                continue
+            self._accept(new, picked)
+        self._compact()
 
     def _adapters(self, rows: Sequence[str | None]) -> Any:
         return nullcontext() if self.adapters is None else self.adapters.select(rows)
 
-    def _prefill(self, req: GenerationRequest) -> None:
-        T, first = len(req.prompt_ids), len(self._rows)
-        start = self._reuse_prefix(req, first)
-        tokens = torch.tensor([req.prompt_ids[start:]], device=self.device)
-        with self._adapters([req.adapter]):
-            logits = self.model(tokens, input_pos=torch.arange(start, T, device=self.device)[None],
-                                cache_rows=torch.tensor([first], device=self.device), kv_len=T,
-                                last_only=True)[:, -1].float()  # (1, V)
-        self._remember_prefix(req, first)
-        for j in range(1, req.n):  # the other choices start from a copy of the prompt's cache
-            self._copy_row(first, first + j, T)
-        rows = [_Row(req, j, T, TextStream(self.tokenizer, req.stop)) for j in range(req.n)]
-        self._rows.extend(rows)
-        self._accept(rows, self._sample(req, rows, logits.expand(req.n, -1)))
-        self._compact()
+    def _prefill(self, batch: list[GenerationRequest], first: int) -> Tensor:
+        """Prefill `batch` into cache rows from `first` on (each request's `n` rows in turn); last logits (k, V).
+
+        The prompts (minus any reused prefix) are right-padded into one (k, T) forward with per-row slots; a pad
+        writes into a slot past its row's prompt, which that row's own decode steps overwrite before any query of
+        the row can see it (the per-row causal mask)."""
+        S, dev = self.max_seq_len, self.device
+        cache_rows, starts, row = [], [], first
+        for req in batch:
+            starts.append(self._reuse_prefix(req, row))
+            cache_rows.append(row)
+            row += req.n
+        lens = [len(req.prompt_ids) - s for req, s in zip(batch, starts)]
+        T = max(lens)
+        tokens = torch.zeros(len(batch), T, dtype=torch.long, device=dev)
+        for i, (req, s) in enumerate(zip(batch, starts)):
+            tokens[i, :lens[i]] = torch.tensor(req.prompt_ids[s:], device=dev)
+        pos = (torch.tensor(starts, device=dev)[:, None] + torch.arange(T, device=dev)).clamp(max=S - 1)  # (k, T)
+        with self._adapters([req.adapter for req in batch]):
+            hidden = self.model(tokens, input_pos=pos, cache_rows=torch.tensor(cache_rows, device=dev),
+                                kv_len=min(S, max(starts) + T), return_hidden=True)  # (k, T, hidden)
+        last = hidden[torch.arange(len(batch), device=dev), torch.tensor(lens, device=dev) - 1]  # (k, hidden)
+        logits = self.model.lm_head(last).float()  # (k, V)
+        for req, r in zip(batch, cache_rows):
+            self._remember_prefix(req, r)
+            for j in range(1, req.n):  # the other choices start from a copy of the prompt's cache
+                self._copy_row(r, r + j, len(req.prompt_ids))
+        return logits
 
     def _reuse_prefix(self, req: GenerationRequest, row: int) -> int:
         """Copy the cached keys/values of the longest prefix this prompt shares with the last prompt prefilled for
