@@ -308,7 +308,8 @@ def evaluate_tasks(tasks: Sequence[Task], lm: TextModel, limit: int | None = Non
                    data_dir: Path | None = None, chat: bool | None = None, out: Path | None = None,
                    meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every task; write OUT/results.json and OUT/samples_<task>.jsonl when `out` is given; return the
-    results (without the samples)."""
+    results (without the samples). results.json is rewritten after each task, so an interrupted run keeps the
+    tasks it finished."""
     for t in tasks:  # fail on a missing data file before spending minutes on the tasks before it
         t.check_data(data_dir)
     results: dict[str, Any] = {**(meta or {}), "limit": limit, "seed": seed, "tasks": {}}
@@ -320,8 +321,7 @@ def evaluate_tasks(tasks: Sequence[Task], lm: TextModel, limit: int | None = Non
             out.mkdir(parents=True, exist_ok=True)
             with (out / f"samples_{t.name}.jsonl").open("w") as fh:
                 fh.writelines(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-    if out is not None:
-        (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+            (out / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return results
 
 
