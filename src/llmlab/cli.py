@@ -439,8 +439,9 @@ COMMANDS += [distill]
 def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None = None, limit: int | None = None,
              seed: int = 0, out: Path | None = None, data_dir: Path = Path("../shared/data"), batch_size: int = 8,
              chat: bool | None = None, dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict:
-    """Evaluate a checkpoint on tasks (perplexity, multiple choice, generation, code with pass@k, sentence pairs);
-    prints a table and writes OUT/results.json plus OUT/samples_<task>.jsonl. See docs/evaluate.md.
+    """Evaluate a checkpoint on tasks: perplexity, multiple choice, generation, code (pass@k), sentence pairs.
+
+    Prints a table and writes OUT/results.json plus OUT/samples_<task>.jsonl. See docs/evaluate.md.
 
     Args:
         checkpoint: HF-format checkpoint folder.
