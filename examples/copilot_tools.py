@@ -63,8 +63,11 @@ def check_calls(message) -> list[dict]:  # noqa: ANN001 - an openai ChatCompleti
     return out
 
 
-def run(client, model: str = "m", max_tokens: int = 60, log=print) -> int:  # noqa: ANN001 - an openai.OpenAI
-    """The 20 prompts and the continuation; returns how many calls validated."""
+def run(client, model: str = "m", max_tokens: int = 128, log=print) -> int:  # noqa: ANN001 - an openai.OpenAI
+    """The 20 prompts and the continuation; returns how many calls validated.
+
+    max_tokens must cover the longest call the schemas allow (a 40-character query can be 40 tokens of digits, plus
+    about 30 for the tool name and JSON): with 60 a sampled query of digits once ran out (finish_reason "length")."""
     valid, last = 0, None
     for i, prompt in enumerate(PROMPTS):
         start = time.perf_counter()
