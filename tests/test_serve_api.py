@@ -198,16 +198,22 @@ def test_client_disconnect_stops_streaming_generation(server):
     eng = server.engine
     before = eng.status()
     body = {"model": "tiny", "prompt": "The dog", "max_tokens": 90, "temperature": 0, "stream": True}
-    conn, r = raw_request(server, "POST", "/v1/completions", body, KEY)
-    assert r.status == 200
-    assert r.readline().startswith(b"data: ")  # the first chunk arrived: the request is decoding
-    eng.lock.acquire()  # pause the engine mid-generation, then hang up
-    conn.sock.shutdown(socket.SHUT_RDWR)
-    conn.close()
+    # Each step takes >= 20 ms, so the 90 tokens can't all be decoded before the test pauses the engine (on an idle
+    # machine the tiny model once finished between the first chunk and the pause, and nothing was left to cancel).
+    slow = eng.model.register_forward_pre_hook(lambda module, args: time.sleep(0.02))
     try:
-        assert wait_for(lambda: any(req.cancelled for req in list(_running(eng))))
+        conn, r = raw_request(server, "POST", "/v1/completions", body, KEY)
+        assert r.status == 200
+        assert r.readline().startswith(b"data: ")  # the first chunk arrived: the request is decoding
+        eng.lock.acquire()  # pause the engine mid-generation, then hang up
+        conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.close()
+        try:
+            assert wait_for(lambda: any(req.cancelled for req in list(_running(eng))))
+        finally:
+            eng.lock.release()
     finally:
-        eng.lock.release()
+        slow.remove()
     assert wait_for(lambda: eng.status()["cancelled"] == before["cancelled"] + 1 and eng.status()["running"] == 0)
     assert eng.status()["tokens"] - before["tokens"] < 90
     assert eng.status()["finished"] == before["finished"]
