@@ -23,22 +23,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from gsm8k_lora import read_jsonl  # the sibling benchmark (this folder is on sys.path when run as a script)
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 PROMPTS = ["Write a short poem about the sea.", "Explain what a prime number is.",
            "Give three tips for learning to cook."]
-
-
-def read_jsonl(path: Path, n: int) -> list[dict]:
-    """The first `n` records of a JSONL file."""
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
-            if len(out) == n:
-                break
-    return out
 
 
 def held_out_rows(tokenizer, records: list[dict], max_len: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

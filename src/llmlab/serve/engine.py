@@ -265,15 +265,7 @@ class Engine:
         for i, req in enumerate(batch):  # rows go in the order of their cache rows; compaction waits for all
             new = [_Row(req, j, len(req.prompt_ids), TextStream(self.tokenizer, req.stop)) for j in range(req.n)]
             self._rows.extend(new)
-            try:
-                picked = self._sample(req, new, logits[i:i + 1].expand(req.n, -1))
-            except Exception as e:  # e.g. a logits processor that raised: this request fails, not the batch
-                log.exception("request %d failed in prefill", req.id)
-                for row in new:
-                    row.done = True
-                self._fail(req, f"generation failed: {e}")
-                continue
-            self._accept(new, picked)
+            self._advance(req, new, logits[i:i + 1].expand(req.n, -1), " in prefill")
         self._compact()
 
     def _adapters(self, rows: Sequence[str | None]) -> Any:
@@ -347,17 +339,21 @@ class Engine:
             groups.setdefault(id(r.req), []).append(i)
         for idx in groups.values():
             req = rows[idx[0]].req
-            mine = [rows[i] for i in idx]
-            try:
-                picked = self._sample(req, mine, logits[idx])
-            except Exception as e:
-                log.exception("request %d failed", req.id)
-                for r in mine:
-                    r.done = True
-                self._fail(req, f"generation failed: {e}")
-                continue
-            self._accept(mine, picked)
+            self._advance(req, [rows[i] for i in idx], logits[idx])
         self._compact()
+
+    def _advance(self, req: GenerationRequest, rows: list[_Row], logits: Tensor, where: str = "") -> None:
+        """Sample and accept the next token of one request's `rows`; if sampling raises (e.g. its logits processor),
+        that request fails, not the batch."""
+        try:
+            picked = self._sample(req, rows, logits)
+        except Exception as e:
+            log.exception("request %d failed%s", req.id, where)
+            for row in rows:
+                row.done = True
+            self._fail(req, f"generation failed: {e}")
+            return
+        self._accept(rows, picked)
 
     def _sample(self, req: GenerationRequest, rows: list[_Row], logits: Tensor) -> list[int]:
         if req.logits_processor is not None:
