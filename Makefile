@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 MODEL := checkpoints/smollm2-135m-instruct
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint model bench clean browser
+.PHONY: demo test test-fast lint model bench clean browser sandbox
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,10 +34,20 @@ browser:
 	      || echo "note: could not install chromium; tests/test_serve_page.py will skip"; \
 	  else echo "note: chromium is not installed (needs root and apt); tests/test_serve_page.py will skip"; fi; fi
 
-test: $(STAMP) browser
+# Code tasks run generated programs under Debian's bubblewrap (src/llmlab/eval/sandbox.py); installed here when we
+# are root. Without it the sandbox tests skip and say why, and code tasks stop with an error naming bubblewrap.
+sandbox:
+	@if ! command -v bwrap >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q bubblewrap || { apt-get update -q && apt-get install -y -q bubblewrap; } \
+	      || echo "note: could not install bubblewrap; code tasks will refuse to run"; \
+	  else echo "note: bubblewrap is not installed (needs root and apt); code tasks will refuse to run"; fi; fi
+
+test: $(STAMP) browser sandbox
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP) browser
+test-fast: $(STAMP) browser sandbox
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from _tiny import tiny_checkpoint
 
 from llmlab.checkpoint import load_checkpoint
 from llmlab.cli import main
-from llmlab.eval import TextModel, load_task, run_task
+from llmlab.eval import TextModel, load_task, run_task, sandbox
 from llmlab.tokenizer import Tokenizer
 
 MC = [{"ctx": "What does the cow say? The cow says", "choices": ["moo.", "woof.", "quack."], "label": 0},
@@ -97,6 +98,16 @@ def test_cli_errors(setup, capsys):
     assert main(["evaluate", str(ckpt), "--tasks", str(tasks / "mc.yaml"), "--limit", "0",
                  "--out", str(tasks.parent / "o")]) == 2
     assert "--limit must be at least 1" in capsys.readouterr().err
+
+
+def test_a_code_task_refuses_to_run_without_a_sandbox(setup, tmp_path, capsys, monkeypatch):
+    ckpt, tasks = setup
+    monkeypatch.setattr(sandbox, "_PROBE", {})  # forget this machine's answer: bubblewrap is now missing
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
+    assert main(["evaluate", str(ckpt), "--tasks", str(tasks / "code.yaml"), "--out", str(tmp_path / "o"),
+                 "--progress", "false"]) == 2
+    assert "the code sandbox needs bubblewrap" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "results.json").exists()
 
 
 def test_chat_prompts_need_a_chat_template(tmp_path, setup):

@@ -216,8 +216,9 @@ def _generate(task: Task, recs: list[dict], lm: TextModel, prompt: PromptBuilder
 
 
 def _code(task: Task, recs: list[dict], lm: TextModel, prompt: PromptBuilder, seed: int) -> tuple[dict, list]:
-    from llmlab.eval.sandbox import SandboxLimits, network_isolation, run_program
+    from llmlab.eval.sandbox import SandboxLimits, check, describe, run_program
 
+    check()  # refuse (LLMLabError: what to install) before generating, rather than run the code unprotected
     prompts = []
     for i, rec in enumerate(recs):
         prompts += [prompt(i, rec, f"task '{task.name}', record {i}")] * task.samples
@@ -239,7 +240,7 @@ def _code(task: Task, recs: list[dict], lm: TextModel, prompt: PromptBuilder, se
                                                            for k in task.k}})
     metrics: dict[str, Any] = {f"pass@{k}": _mean([s[f"pass@{k}"] for s in samples]) for k in task.k}
     metrics["statuses"] = dict(statuses)
-    metrics["network_isolation"] = network_isolation()
+    metrics["sandbox"] = describe()
     return metrics, samples
 
 
