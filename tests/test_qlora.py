@@ -4,6 +4,7 @@ weights give (also through HF + PEFT), a training step changes only the adapters
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,7 @@ def test_an_adapter_trained_on_the_4bit_base_meets_the_same_weights_in_hf_and_pe
         ours, theirs = model(ids), hf(input_ids=ids).logits
         assert (ours - load_checkpoint(ckpt)(ids)).abs().max() > 0.1  # the adapter and the 4-bit base both count
         torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-5)
-        for backend in ("bitsandbytes", "reference"):  # these shapes dequantize alike by either path
+        for backend in ("bitsandbytes", "bitsandbytes-rows", "reference"):  # these shapes: alike by every path
             monkeypatch.setattr("llmlab.methods.qlora.nf4_backend", lambda device_type, b=backend: b)
             torch.testing.assert_close(model(ids), ours, atol=1e-6, rtol=1e-6)
 
@@ -179,16 +180,27 @@ def test_bitsandbytes_is_checked_against_the_definition_once(fresh_check, monkey
         block = i % cols // BLOCK + i // cols * ((cols + BLOCK - 1) // BLOCK)
         return (NF4[unpack(packed, rows * cols)] * absmax[block.clamp_max(absmax.numel() - 1)]).view(rows, cols)
 
+    def shifted(packed: torch.Tensor, state) -> torch.Tensor:  # wrong whatever the shape: the next block's scale
+        absmax = bf.dequantize_blockwise(state.absmax, state.state2) + state.offset
+        n = torch.Size(state.shape).numel()
+        return (NF4[unpack(packed, n)] * absmax.roll(1).repeat_interleave(BLOCK)[:n]).view(tuple(state.shape))
+
     probe = torch.randn(PROBE_SHAPE, generator=torch.Generator().manual_seed(0))
     packed, state = bf.quantize_4bit(probe, blocksize=BLOCK, quant_type="nf4", compress_statistics=True)
-    agrees = torch.allclose(bf.dequantize_4bit(packed, state), right(packed, state), rtol=0, atol=1e-6)
-    assert fresh_check("cpu") == ("bitsandbytes" if agrees else "reference")  # this machine's bitsandbytes
+    rows = copy.copy(state)
+    rows.shape = torch.Size((probe.numel() // BLOCK, BLOCK))
+    direct = torch.allclose(bf.dequantize_4bit(packed, state), right(packed, state), rtol=0, atol=1e-6)
+    as_rows = torch.allclose(bf.dequantize_4bit(packed, rows).view(PROBE_SHAPE), right(packed, state), rtol=0,
+                             atol=1e-6)
+    want = "bitsandbytes" if direct else "bitsandbytes-rows" if as_rows else "reference"
+    assert fresh_check("cpu") == want  # this machine's bitsandbytes
     capsys.readouterr()
     fresh_check("cpu")
     assert capsys.readouterr().err == ""  # checked and logged once per process
 
     for fake, backend, said in ((right, "bitsandbytes", "agrees with the NF4 definition"),
-                                (row_blocked, "reference", "dequantizing with llmlab's reference NF4")):
+                                (row_blocked, "bitsandbytes-rows", "dequantizing with it as rows of one block each"),
+                                (shifted, "reference", "dequantizing with llmlab's reference NF4 instead")):
         fresh_check.cache_clear()
         monkeypatch.setattr(bf, "dequantize_4bit", fake)
         assert fresh_check("cpu") == backend
@@ -198,6 +210,19 @@ def test_bitsandbytes_is_checked_against_the_definition_once(fresh_check, monkey
     fresh_check.cache_clear()
     with pytest.raises(LLMLabError, match=r"bitsandbytes .* quantizes NF4 wrongly on this cpu"):
         fresh_check("cpu")
+
+
+def test_the_fallback_paths_follow_the_definition_for_any_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmlab.methods import qlora
+
+    gen = torch.Generator().manual_seed(2)
+    for backend in ("bitsandbytes-rows", "reference"):  # "bitsandbytes" itself is what the start-up check decides
+        monkeypatch.setattr(qlora, "nf4_backend", lambda device_type, b=backend: b)
+        for shape in [(64, 160), (4, 96), (5, 100), (1, 3)]:  # whole blocks or not, even or odd
+            w = torch.randn(shape, generator=gen)
+            deq = qlora.dequantize_nf4(*qlora.quantize_nf4(w))
+            assert deq.shape == w.shape and deq.dtype == w.dtype
+            check_nf4(deq, w)
 
 
 def test_qlora_step_changes_only_the_adapters(setup: tuple[Path, Path]) -> None:

@@ -10,7 +10,8 @@ adapter trained here meets the same base weights under HF + PEFT.
 bitsandbytes is checked before it is trusted: once per process and device type, `nf4_backend` quantizes a small
 tensor whose rows are not a multiple of the block and compares bitsandbytes with NF4 as the paper defines it.
 bitsandbytes 0.50.2's CPU dequantize on AVX-512 hosts applies the wrong block scale to such rows; where it disagrees,
-llmlab dequantizes with `dequantize_nf4_reference` (plain torch, the definition) and says so on stderr.
+llmlab asks it to dequantize the same storage described as rows of one block (which it gets right), or else
+dequantizes with `dequantize_nf4_reference` (plain torch, the definition), and says which on stderr.
 
 W0 x dequantizes the weight to the compute dtype (bf16 on CUDA, fp32 on CPU) in the forward pass and again in the
 backward pass, keeping only the 4-bit weight in between, as bitsandbytes' `matmul_4bit` does when training.
@@ -20,6 +21,7 @@ on the full-precision base (`--adapter`, `llmlab merge`).
 
 from __future__ import annotations
 
+import copy
 import functools
 import sys
 from typing import Any
@@ -108,38 +110,60 @@ def quantize_nf4(weight: Tensor, blocksize: int = BLOCKSIZE) -> tuple[Tensor, An
     return bf.quantize_4bit(weight.detach(), blocksize=blocksize, compress_statistics=True, quant_type="nf4")
 
 
+def _as_block_rows(state: Any) -> Any:
+    """A copy of a QuantState that describes its weight as rows of one block each: (numel / blocksize, blocksize)."""
+    rows = copy.copy(state)
+    rows.shape = torch.Size((torch.Size(state.shape).numel() // state.blocksize, state.blocksize))
+    return rows
+
+
+def _bnb_dequantize(packed: Tensor, state: Any, as_rows: bool) -> Tensor:
+    import bitsandbytes.functional as bf
+
+    if not as_rows:
+        return bf.dequantize_4bit(packed, state)
+    return bf.dequantize_4bit(packed, _as_block_rows(state)).view(tuple(state.shape))
+
+
 @functools.cache
 def nf4_backend(device_type: str) -> str:
-    """How this process dequantizes NF4 on `device_type`: "bitsandbytes" where it agrees with the definition on a
-    probe whose rows are not a multiple of the block, else "reference" (plain torch). Checked once, logged once.
+    """How this process dequantizes NF4 on `device_type`, checked once (and said once on stderr) on a probe whose rows
+    are not a multiple of the block: "bitsandbytes" where it agrees with the definition; else "bitsandbytes-rows" where
+    it agrees once told that the weight is rows of one block (same storage: the blocks run over the flattened weight);
+    else "reference" (plain torch).
 
     Raises when bitsandbytes' quantization itself (codes or scales) disagrees: no correct path would be left."""
     bnb = _bnb()
-    import bitsandbytes.functional as bf
-
     dtype = compute_dtype(device_type)
     w = torch.randn(PROBE_SHAPE, generator=torch.Generator().manual_seed(0)).to(device_type, dtype)
     packed, state = quantize_nf4(w)
     if not follows_nf4(w, packed, state):
         raise LLMLabError(f"bitsandbytes {bnb.__version__} quantizes NF4 wrongly on this {device_type} (codes or block "
                           "scales differ from the NF4 definition); install another bitsandbytes version for QLoRA")
-    error = float((bf.dequantize_4bit(packed, state) - dequantize_nf4_reference(packed, state)).abs().max())
-    if error <= 4 * torch.finfo(dtype).eps * float(w.abs().max()):  # rounding apart, the same numbers
-        print(f"llmlab: NF4: bitsandbytes {bnb.__version__} agrees with the NF4 definition on {device_type}; "
-              "dequantizing with it", file=sys.stderr)
+    want = dequantize_nf4_reference(packed, state)
+    errors = [float((_bnb_dequantize(packed, state, rows) - want).abs().max()) for rows in (False, True)]
+    right = [e <= 4 * torch.finfo(dtype).eps * float(w.abs().max()) for e in errors]  # rounding apart, equal
+    name = f"llmlab: NF4: bitsandbytes {bnb.__version__}"
+    if right[0]:
+        print(f"{name} agrees with the NF4 definition on {device_type}; dequantizing with it", file=sys.stderr)
         return "bitsandbytes"
-    print(f"llmlab: NF4: bitsandbytes {bnb.__version__} dequantizes rows that are not a multiple of {BLOCKSIZE} "
-          f"wrongly on this {device_type} (max error {error:.3g} on a {PROBE_SHAPE[0]}x{PROBE_SHAPE[1]} probe); "
-          "dequantizing with llmlab's reference NF4 instead (same storage, plain torch)", file=sys.stderr)
+    wrong = (f"{name} dequantizes rows that are not a multiple of {BLOCKSIZE} wrongly on this {device_type} (max "
+             f"error {errors[0]:.3g} on a {PROBE_SHAPE[0]}x{PROBE_SHAPE[1]} probe)")
+    if right[1]:
+        print(f"{wrong}; dequantizing with it as rows of one block each (same storage, right), or with llmlab's "
+              "reference NF4 where a weight is not whole blocks", file=sys.stderr)
+        return "bitsandbytes-rows"
+    print(f"{wrong}; dequantizing with llmlab's reference NF4 instead (same storage, plain torch)", file=sys.stderr)
     return "reference"
 
 
 def dequantize_nf4(packed: Tensor, state: Any) -> Tensor:
     """The weight a packed NF4 tensor stands for, in the dtype it was quantized from (by the checked backend)."""
-    if nf4_backend(packed.device.type) == "bitsandbytes":
-        import bitsandbytes.functional as bf
-
-        return bf.dequantize_4bit(packed, state)
+    backend = nf4_backend(packed.device.type)
+    if backend == "bitsandbytes":
+        return _bnb_dequantize(packed, state, as_rows=False)
+    if backend == "bitsandbytes-rows" and torch.Size(state.shape).numel() % state.blocksize == 0:
+        return _bnb_dequantize(packed, state, as_rows=True)
     return dequantize_nf4_reference(packed, state)
 
 
