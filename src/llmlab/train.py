@@ -432,9 +432,8 @@ def load_training_checkpoint(folder: Path, raw: nn.Module, optimizer: torch.opti
 def _prune(run_dir: Path, keep_last: int) -> None:
     from llmlab.checkpoint import remove_folder
 
-    if keep_last > 0:
-        for old in checkpoints(run_dir)[:-keep_last]:
-            remove_folder(old)
+    for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        remove_folder(old)
 
 
 def _sweep(run_dir: Path) -> None:
@@ -444,8 +443,8 @@ def _sweep(run_dir: Path) -> None:
 
     removed = sweep_leftovers(run_dir / CHECKPOINTS, _STEP_DIR) + sweep_leftovers(run_dir, r"final|metrics\.csv")
     if removed:
-        print(f"llmlab: removed {len(removed)} leftovers of interrupted saves in {run_dir}: "
-              f"{', '.join(p.name for p in removed[:3])}{' ...' if len(removed) > 3 else ''}", file=sys.stderr)
+        print(f"llmlab: removed what interrupted saves left in {run_dir}: {', '.join(p.name for p in removed)}",
+              file=sys.stderr)
 
 
 # -- the loop ----------------------------------------------------------------------------------------
