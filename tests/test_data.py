@@ -112,6 +112,20 @@ def test_empty_corpus_is_an_error(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists()
 
 
+def test_whitespace_only_corpus_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "blank.txt").write_text("  \n\n \t \n")
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": " \n "}) + "\n" + json.dumps({"text": "\t"}) + "\n")
+    for corpus in ([tmp_path / "blank.txt"], [tmp_path / "blank.txt", tmp_path / "blank.jsonl"]):
+        for option in ({"train_tokenizer": 300}, {"tokenizer": tmp_path / "tok"}):
+            with pytest.raises(LLMLabError, match=r"corpus is empty: .*blank\.txt.* hold only whitespace"):
+                prepare(corpus, tmp_path / "d", progress=False, **option)
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "blank.jsonl").write_text(json.dumps({"text": " one word "}) + "\n")  # some text among blanks: fine
+    out = prepare([tmp_path / "blank.txt", tmp_path / "blank.jsonl"], tmp_path / "d", train_tokenizer=260,
+                  val_fraction=0.0, progress=False)
+    assert json.loads((out / "meta.json").read_text())["documents"] == 2
+
+
 def test_missing_path_and_folder_without_text(tmp_path: Path) -> None:
     with pytest.raises(LLMLabError, match="corpus path not found: .*nope.txt"):
         prepare([tmp_path / "nope.txt"], tmp_path / "d", train_tokenizer=300)

@@ -126,6 +126,118 @@ def test_final_loads_in_transformers_and_llmlab_with_the_same_logits(data_dir: P
     assert tok.eos_token_id == hf.config.eos_token_id == 2
 
 
+# -- kill -9 at any moment: what it leaves never stops or changes a resumed run ----------------------
+KILL = dict(max_steps=10, save_every=2, keep_last=2, eval_every=5)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run(data_dir, out, **KILL)
+    return out
+
+
+def assert_same_run(got: Path, want: Path) -> None:
+    """Bit-identical training and validation curves and final weights, and nothing hidden left in the run."""
+    assert sorted(losses(got)) == list(range(1, 11))
+    torch.testing.assert_close(losses(got), losses(want), rtol=0, atol=0)
+    torch.testing.assert_close(losses(got, "val_loss"), losses(want, "val_loss"), rtol=0, atol=0)
+    a, b = load_checkpoint(got / "final"), load_checkpoint(want / "final")
+    torch.testing.assert_close(a.state_dict(), b.state_dict(), rtol=0, atol=0)
+    assert [p.name for p in got.rglob(".*")] == []
+    assert [p.name for p in checkpoints(got)] == ["step-000008", "step-000010"]
+
+
+def test_resume_sweeps_what_interrupted_saves_and_prunes_left(data_dir: Path, uninterrupted: Path,
+                                                              tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    run(data_dir, out, stop_at=6, **KILL)
+    ckpts = out / "checkpoints"
+    (ckpts / ".step-000008.tmp-k1ll3d").mkdir()  # a save killed half way
+    (ckpts / ".step-000008.tmp-k1ll3d" / "model.safetensors").write_bytes(b"\0" * 1000)
+    (out / ".final.tmp-abc_12").mkdir()  # a final save killed half way
+    (ckpts / ".step-000002.old-4242_beef").mkdir()  # a prune killed between its rename and its delete
+    (ckpts / ".step-000002.old-4242_beef" / "config.json").write_text("{}")
+    (out / ".metrics.csv.tmp-4242").write_text("step,lo")  # a metrics rewrite killed half way
+    (tmp_path / "keep.txt").write_text("not ours")
+    run(data_dir, out, **KILL)
+    assert_same_run(out, uninterrupted)
+    assert (tmp_path / "keep.txt").is_file()
+
+
+def test_a_killed_prune_never_leaves_a_half_deleted_checkpoint(data_dir: Path, uninterrupted: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    rmtree = shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):  # deletes one file, then the process "dies"
+        next(p for p in sorted(Path(path).iterdir()) if p.is_file()).unlink()
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        run(data_dir, out, **KILL)  # the prune after step 6's save deletes step-000002
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    for ckpt in checkpoints(out):  # every checkpoint that looks complete is complete
+        assert {"config.json", "model.safetensors", "training_state.json", "training_state.safetensors"} <= \
+            {p.name for p in ckpt.iterdir()}, ckpt
+    assert [p.name for p in checkpoints(out)] == ["step-000004", "step-000006"]
+    run(data_dir, out, **KILL)
+    assert_same_run(out, uninterrupted)
+
+
+def test_a_killed_metrics_rewrite_keeps_the_old_file(data_dir: Path, uninterrupted: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    out = tmp_path / "run"
+    run(data_dir, out, stop_at=6, **KILL)
+    before = (out / "metrics.csv").read_bytes()
+
+    def killed(self, rows):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(csv.DictWriter, "writerows", killed)
+        with pytest.raises(KeyboardInterrupt):
+            run(data_dir, out, **KILL)  # the resume rewrites metrics.csv up to step 6
+    assert (out / "metrics.csv").read_bytes() == before
+    run(data_dir, out, **KILL)
+    assert_same_run(out, uninterrupted)
+
+
+KILL_AT_SAVE = """
+import os, signal, sys
+import llmlab.checkpoint as ckpt
+from llmlab.cli import main
+
+save_file = ckpt.save_file
+def save_then_die(tensors, path, **kwargs):
+    save_file(tensors, path, **kwargs)
+    if ".step-000008.tmp-" in path:
+        os.kill(os.getpid(), signal.SIGKILL)  # killed while step 8 is being written
+ckpt.save_file = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_run_killed_during_a_save_resumes_exactly(data_dir: Path, model_yaml: Path, tmp_path: Path) -> None:
+    args = ["pretrain", "--model", str(model_yaml), "--data", str(data_dir), "--train.max_steps", "10",
+            "--train.save_every", "2", "--train.keep_last", "2", "--train.eval_every", "5", "--train.batch_size", "4",
+            "--train.seq_len", "32", "--train.lr", "3e-3", "--train.warmup_steps", "2", "--train.log_every", "1"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_SAVE, *args, "--out", str(killed)], capture_output=True,
+                          text=True, timeout=300)  # same threads as this process: the same floating-point sums
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert [p.name for p in (killed / "checkpoints").glob(".step-000008.tmp-*")]  # the half-written save
+    assert [p.name for p in checkpoints(killed)] == ["step-000004", "step-000006"]
+    assert main([*args, "--out", str(killed)]) == 0
+    assert_same_run(killed, tmp_path / "whole")
+
+
 # -- resume errors: nothing earlier is overwritten or lost -------------------------------------------
 def test_corrupt_checkpoint_on_resume(data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"

@@ -1,14 +1,22 @@
 """HF-format checkpoint folders: `config.json` + `model.safetensors` (or shards + index), HF tensor names.
 
 The model fuses q/k/v and gate/up projections; `hf_to_llmlab` and `llmlab_to_hf` are the one place that maps
-between its names and the names on disk. Folders are written to a temporary sibling and renamed into place,
-so an interrupted save never leaves a half-written checkpoint where a good one was.
+between its names and the names on disk.
+
+Writing folders, the one place for it: a folder is written into a temporary sibling `.NAME.tmp-*` and renamed into
+place (`atomic_folder`), and deleted by renaming it to a hidden `.NAME.old-*` sibling first (`remove_folder`), so a
+kill -9 never leaves a half-written or half-deleted folder under a name that looks complete; `sweep_leftovers` removes
+such hidden siblings later. A command's output folder (`output_folder`) also carries a small manifest
+(`llmlab_output.json`: the command and the files it wrote), which is how an earlier output of the same command is told
+apart from a folder of someone else's files that must not be replaced without --overwrite.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -170,6 +178,10 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu",
 
 
 # -- writing -----------------------------------------------------------------------------------------
+OUTPUT_MANIFEST = "llmlab_output.json"
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-\w+$")  # what atomic_folder and remove_folder leave when killed
+
+
 @contextmanager
 def atomic_folder(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces `target` in one rename, on error it is removed."""
@@ -179,16 +191,103 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _publish_permissions(tmp)
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
+        old = _set_aside(target) if target.exists() else None
         os.replace(tmp, target)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename `path` to a hidden `.NAME.old-*` sibling (one atomic step) and return the new path."""
+    aside = path.parent / f".{path.name}.old-{os.getpid()}_{secrets.token_hex(4)}"
+    os.replace(path, aside)
+    return aside
+
+
+def _discard(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_folder(path: str | Path) -> None:
+    """Delete a folder and never leave it half deleted under its own name: rename it out of the way, then delete."""
+    _discard(_set_aside(Path(path)))
+
+
+def sweep_leftovers(folder: str | Path, names: str | re.Pattern[str]) -> list[Path]:
+    """Remove the `.NAME.tmp-*` / `.NAME.old-*` siblings that interrupted writes and deletes left in `folder`, for the
+    NAMEs that fully match `names`; returns what was removed."""
+    folder, pattern = Path(folder), re.compile(names)
+    removed = []
+    for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _LEFTOVER.match(path.name)
+        if m and pattern.fullmatch(m.group("name")):
+            _discard(path)
+            removed.append(path)
+    return removed
+
+
+def check_folder_path(target: str | Path) -> None:
+    """Raise when a folder cannot be made at `target` because a file is there or where one of its parents should be."""
+    target = Path(target)
+    for path in (target, *target.parents):
+        if path.exists() or path.is_symlink():
+            if not path.is_dir():
+                where = "is a file" if path == target else f"is a file, so the folder {target} cannot be made under it"
+                raise LLMLabError(f"{path} {where} (expected a folder path)")
+            return
+
+
+def _entries(folder: Path) -> set[str]:
+    """Every file and folder under `folder`, as relative POSIX paths (symbolic links are not followed)."""
+    out = set()
+    for root, dirs, files in os.walk(folder):
+        rel = Path(root).relative_to(folder)
+        out.update((rel / name).as_posix() for name in dirs + files)
+    return out
+
+
+def _is_output_of(folder: Path, command: str) -> bool:
+    """Whether `folder` is an earlier output of `command`: its manifest names the command and lists every file there."""
+    try:
+        manifest = json.loads((folder / OUTPUT_MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(manifest, dict) or manifest.get("command") != command:
+        return False
+    files = {f for f in manifest.get("files", []) if isinstance(f, str)}
+    allowed = files | {OUTPUT_MANIFEST} | {p.as_posix() for f in files for p in Path(f).parents if p != Path(".")}
+    return _entries(folder) <= allowed
+
+
+def check_output(target: str | Path, command: str, overwrite: bool = False) -> None:
+    """Raise unless `llmlab COMMAND` may write its output folder at `target`: nothing there, an empty folder, an earlier
+    output of the same command, or (with `overwrite`) any folder. A file is never replaced by a folder."""
+    target = Path(target)
+    check_folder_path(target)
+    if overwrite or not target.is_dir() or not any(target.iterdir()) or _is_output_of(target, command):
+        return
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in target.iterdir())
+    shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+    raise LLMLabError(f"{target} is not empty and is not an output of `llmlab {command}` (it holds {shown}); choose "
+                      "another folder, or pass --overwrite true to replace it")
+
+
+@contextmanager
+def output_folder(target: str | Path, command: str, overwrite: bool = False) -> Iterator[Path]:
+    """Write `llmlab COMMAND`'s output folder: `check_output`, then a temporary sibling folder to fill, which gets the
+    manifest and replaces `target` in one rename; on error (or a refusal) `target` is left as it was."""
+    check_output(target, command, overwrite)
+    with atomic_folder(target) as tmp:
+        yield tmp
+        files = sorted(f for f in _entries(tmp) if not (tmp / f).is_dir())
+        write_json(tmp / OUTPUT_MANIFEST, {"command": command, "files": files})
+        check_output(target, command, overwrite)  # still true just before the swap
 
 
 def _publish_permissions(folder: Path) -> None:

@@ -32,17 +32,18 @@ def download(name: str, out: Path | None = None, dtype: str = "float32") -> Path
     return path
 
 
-def convert(src: Path, dst: Path, dtype: str = "float32") -> Path:
+def convert(src: Path, dst: Path, dtype: str = "float32", overwrite: bool = False) -> Path:
     """Convert a GGUF file (architecture llama) or an HF folder into an HF-format llmlab checkpoint folder.
 
     Args:
         src: A .gguf file or an HF-format folder.
-        dst: Destination folder (replaced atomically if it exists).
+        dst: Destination folder: new, empty, or an earlier `llmlab convert` output (replaced atomically).
         dtype: Weight dtype to store: float32, bfloat16 or float16.
+        overwrite: Replace DST even if it holds files that `llmlab convert` did not write.
     """
     from llmlab.hub import convert as _convert
 
-    path = _convert(src, dst, dtype=dtype)
+    path = _convert(src, dst, dtype=dtype, overwrite=overwrite)
     print(f"saved {path}")
     return path
 
@@ -217,24 +218,25 @@ COMMANDS += [generate, chat]
 
 def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = None,
             train_tokenizer: int | None = None, text_field: str = "text", val_fraction: float = 0.05,
-            seed: int = 0) -> Path:
+            seed: int = 0, overwrite: bool = False) -> Path:
     """Tokenize a text corpus into memory-mapped token files for pretraining (train.bin, val.bin, meta.json).
 
     Args:
         corpus: A text file, a JSONL file (one document per line), a folder of .txt/.md/.jsonl files, or several
             of them as a list (`'["a.txt", "docs/"]'`, or a YAML list in --config).
-        out: The data folder to write (replaced atomically if it exists).
+        out: The data folder to write: new, empty, or an earlier `llmlab prepare` output (replaced atomically).
         tokenizer: Reuse the tokenizer of this folder (a checkpoint or an earlier data folder).
         train_tokenizer: Train a new byte-level BPE tokenizer of this vocabulary size on the corpus instead.
         text_field: The field of each JSONL record that holds its text.
         val_fraction: Share of the tokens held out for validation (spread over the corpus in blocks).
         seed: Seed of the train/validation assignment.
+        overwrite: Replace OUT even if it holds files that `llmlab prepare` did not write.
     """
     from llmlab.data import prepare as _prepare
 
     corpus = corpus if isinstance(corpus, list) else [corpus]
     path = _prepare(corpus, out, tokenizer=tokenizer, train_tokenizer=train_tokenizer, text_field=text_field,
-                    val_fraction=val_fraction, seed=seed)
+                    val_fraction=val_fraction, seed=seed, overwrite=overwrite)
     meta = json.loads((path / "meta.json").read_text())
     print(f"saved {path}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens, "
           f"vocabulary {meta['vocab_size']:,}")
@@ -381,18 +383,20 @@ def finetune(checkpoint: Path, *, data: Path, out: Path,
                      val_fraction=val_fraction, template=template, pack=pack, resume=resume)
 
 
-def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = None) -> Path:
+def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base checkpoint: an HF-format folder that needs no adapter (no extra latency).
 
     Args:
         checkpoint: The base HF-format checkpoint folder the adapter was trained on.
         adapter: A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors).
-        out: The merged checkpoint folder to write (replaced atomically if it exists).
+        out: The merged checkpoint folder to write: new, empty, or an earlier `llmlab merge` output (replaced
+            atomically).
         dtype: Weight dtype to store (float32, bfloat16, float16); default: the base checkpoint's.
+        overwrite: Replace OUT even if it holds files that `llmlab merge` did not write.
     """
     from llmlab.finetune import merge as _merge
 
-    path = _merge(checkpoint, adapter, out, dtype)
+    path = _merge(checkpoint, adapter, out, dtype, overwrite=overwrite)
     print(f"saved {path}")
     return path
 
@@ -511,6 +515,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
     from llmlab.serve import load_engine, parse_adapters
     from llmlab.serve.api import create_app
 
+    if not 1 <= port <= 65535:
+        raise LLMLabError(f"--port must be a TCP port from 1 to 65535, got {port}")
     adapters = parse_adapters(adapter)
     engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
                                     queue_size=queue_size, dtype=dtype, device=device)

@@ -1,7 +1,7 @@
 """Pretraining token data: a text corpus -> memory-mapped token files, and deterministic batches over them.
 
 `prepare` streams a corpus (text files, folders of them, JSONL with a text field) through a tokenizer and writes
-DATA_DIR, atomically:
+DATA_DIR, atomically (it replaces an earlier `prepare` output, and other files only with overwrite):
     train.bin, val.bin    flat token ids (uint16 when the vocabulary fits, else uint32); EOS ends every document
     meta.json             dtype, vocab size, token counts, tokenizer source, special token ids
     tokenizer.json, tokenizer_config.json
@@ -132,15 +132,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def prepare(corpus: Sequence[str | Path], out_dir: str | Path, tokenizer: str | Path | None = None,
             train_tokenizer: int | None = None, text_field: str = "text", val_fraction: float = 0.05,
-            seed: int = 0, progress: bool = True) -> Path:
+            seed: int = 0, progress: bool = True, overwrite: bool = False) -> Path:
     """Tokenize a corpus into DATA_DIR (train.bin, val.bin, meta.json, tokenizer files), written atomically.
 
     Give exactly one of `tokenizer` (a folder with tokenizer.json, e.g. a checkpoint) and `train_tokenizer`
-    (the vocabulary size of a new byte-level BPE trained on this corpus).
+    (the vocabulary size of a new byte-level BPE trained on this corpus). DATA_DIR may be missing, empty or an
+    earlier output of `prepare`; any other folder is replaced only with `overwrite` (`llmlab.checkpoint.check_output`).
     """
     from tqdm import tqdm
 
-    from llmlab.checkpoint import atomic_folder, write_json
+    from llmlab.checkpoint import check_output, output_folder, write_json
     from llmlab.tokenizer import train_bpe_tokenizer
 
     if (tokenizer is None) == (train_tokenizer is None):
@@ -148,10 +149,13 @@ def prepare(corpus: Sequence[str | Path], out_dir: str | Path, tokenizer: str | 
                           "VOCAB_SIZE (train a new one on the corpus)")
     if not 0 <= val_fraction < 1:
         raise LLMLabError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    check_output(out_dir, "prepare", overwrite)  # before any work; checked again when the folder is swapped in
     files = corpus_files(corpus)
     total_bytes = sum(f.stat().st_size for f in files)
     if total_bytes == 0:
         raise LLMLabError(f"corpus is empty: {', '.join(map(str, files))} hold no text")
+    if not any(piece.text.strip() for piece in iter_pieces(files, text_field)):  # stops at the first text
+        raise LLMLabError(f"corpus is empty: {', '.join(map(str, files))} hold only whitespace")
 
     if tokenizer is not None:
         tok = Tokenizer.from_folder(tokenizer)
@@ -167,7 +171,7 @@ def prepare(corpus: Sequence[str | Path], out_dir: str | Path, tokenizer: str | 
     rng = random.Random(seed)
     counts = {"train": 0, "val": 0}
     documents = 0
-    with atomic_folder(out_dir) as tmp:
+    with output_folder(out_dir, "prepare", overwrite) as tmp:
         files_out = {split: (tmp / f"{split}.bin").open("wb") for split in counts}
         try:
             bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)

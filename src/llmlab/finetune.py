@@ -80,9 +80,18 @@ def apply_adapter(model: Any, folder: str | Path) -> Any:
     return load_adapters(model, folder) if kind == ADAPTER_TYPE else load_adapter(model, folder)
 
 
-def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    """Write CHECKPOINT with the LoRA adapter folded into its weights, as an HF-format folder (no adapter needed)."""
-    from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_generation_config, save_checkpoint
+def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None,
+          overwrite: bool = False) -> Path:
+    """Write CHECKPOINT with the LoRA adapter folded into its weights, as an HF-format folder (no adapter needed).
+
+    OUT may be missing, empty or an earlier output of `merge`; any other folder is replaced only with `overwrite`."""
+    from llmlab.checkpoint import (
+        dtype_from_name,
+        load_checkpoint,
+        load_generation_config,
+        output_folder,
+        save_checkpoint,
+    )
     from llmlab.methods.lora import load_adapter, merge_and_unload
     from llmlab.tokenizer import Tokenizer
 
@@ -90,9 +99,11 @@ def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: s
                                                                                  "adapter_config.json").read_text():
         raise LLMLabError(f"{adapter} holds bottleneck adapters, which are nonlinear and cannot be merged into the "
                           "weights; use it with --adapter instead")
-    model = load_checkpoint(checkpoint)
-    stored = next(iter(model.state_dict().values())).dtype
-    merge_and_unload(load_adapter(model, adapter))
-    return save_checkpoint(model, out, tokenizer=Tokenizer.from_folder(checkpoint),
-                           dtype=dtype_from_name(dtype) if dtype else stored,
-                           generation=load_generation_config(checkpoint) or None)
+    with output_folder(out, "merge", overwrite) as tmp:
+        model = load_checkpoint(checkpoint)
+        stored = next(iter(model.state_dict().values())).dtype
+        merge_and_unload(load_adapter(model, adapter))
+        save_checkpoint(model, tmp, tokenizer=Tokenizer.from_folder(checkpoint),
+                        dtype=dtype_from_name(dtype) if dtype else stored,
+                        generation=load_generation_config(checkpoint) or None)
+    return Path(out)

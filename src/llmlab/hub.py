@@ -115,7 +115,7 @@ def download(name: str, out: str | Path | None = None, dtype: str = "float32") -
         return import_gguf(ensure_default_gguf(), out, dtype)
     folder = _snapshot(name, out)
     if not _weights_are(folder, dtype):
-        convert(folder, folder, dtype)
+        _convert(folder, folder, dtype)  # the folder just downloaded, in place
     return folder
 
 
@@ -150,20 +150,31 @@ def _weights_are(folder: Path, dtype: str) -> bool:
     return config.get("torch_dtype", config.get("dtype")) == dtype
 
 
-def convert(src: str | Path, dst: str | Path, dtype: str = "float32") -> Path:
-    """Convert a .gguf file or an HF-format folder into an HF-format llmlab folder with weights in `dtype`."""
-    from llmlab.checkpoint import dtype_from_name
-    from llmlab.gguf_import import import_gguf
+def convert(src: str | Path, dst: str | Path, dtype: str = "float32", overwrite: bool = False) -> Path:
+    """Convert a .gguf file or an HF-format folder into an HF-format llmlab folder with weights in `dtype`.
 
-    torch_dtype = dtype_from_name(dtype)
+    DST may be missing, empty or an earlier output of `convert`; any other folder is replaced only with `overwrite`
+    (`llmlab.checkpoint.check_output`). It is written atomically, so SRC and DST may be the same folder."""
+    from llmlab.checkpoint import dtype_from_name, output_folder
+
+    dtype_from_name(dtype)
     src, dst = Path(src), Path(dst)
     if not src.exists():
         raise LLMLabError(f"convert: source not found: {src}")
-    if src.is_file():
-        return import_gguf(src, dst, dtype)
-    from llmlab.checkpoint import load_checkpoint, load_generation_config, save_checkpoint
+    with output_folder(dst, "convert", overwrite) as tmp:
+        _convert(src, tmp, dtype)
+    return dst
+
+
+def _convert(src: Path, dst: Path, dtype: str) -> Path:
+    """Write SRC (a .gguf file or an HF-format folder) as an HF-format folder DST with weights in `dtype`."""
+    from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_generation_config, save_checkpoint
+    from llmlab.gguf_import import import_gguf
     from llmlab.tokenizer import Tokenizer
 
+    if src.is_file():
+        return import_gguf(src, dst, dtype)
+    torch_dtype = dtype_from_name(dtype)
     model = load_checkpoint(src, dtype=torch_dtype)
     tokenizer = Tokenizer.from_folder(src) if (src / "tokenizer.json").is_file() else None
     generation = load_generation_config(src) or None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +18,9 @@ class RunLogger:
     """Appends one row per logged step to RUN_DIR/metrics.csv and the same scalars to RUN_DIR/tensorboard.
 
     On resume from step k the rows after k (written by the interrupted run past its last checkpoint) are
-    dropped, so the file reads as one uninterrupted run. A logger with `enabled=False` (ranks other than 0)
-    does nothing.
+    dropped, so the file reads as one uninterrupted run; the file is rewritten into a temporary sibling and renamed
+    over the old one, so a kill at that moment leaves the old file, never a truncated one. A logger with
+    `enabled=False` (ranks other than 0) does nothing.
     """
 
     def __init__(self, run_dir: Path, enabled: bool = True, resume_step: int | None = None) -> None:
@@ -29,10 +31,16 @@ class RunLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / METRICS_FILE
         rows = read_metrics(run_dir) if resume_step is not None and self.path.is_file() else []
-        with self.path.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, COLUMNS)
-            writer.writeheader()
-            writer.writerows({k: _fmt(r.get(k)) for k in COLUMNS} for r in rows if r["step"] <= resume_step)
+        tmp = run_dir / f".{METRICS_FILE}.tmp-{os.getpid()}"  # swept by the next run if a kill leaves it
+        try:
+            with tmp.open("w", newline="") as fh:
+                writer = csv.DictWriter(fh, COLUMNS)
+                writer.writeheader()
+                writer.writerows({k: _fmt(r.get(k)) for k in COLUMNS} for r in rows if r["step"] <= resume_step)
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(str(run_dir / "tensorboard"),

@@ -7,14 +7,16 @@ A run, in order:
    by linear warmup then cosine decay to min_lr_ratio * lr;
 4. each step: grad_accum micro-batches per process under autocast (bf16 on CUDA), gradient clipping, update;
 5. validation loss at the start, every eval_every steps and at the end; a checkpoint every save_every steps
-   into RUN_DIR/checkpoints/step-NNNNNN (written atomically, the last keep_last kept);
+   into RUN_DIR/checkpoints/step-NNNNNN (written atomically, the last keep_last kept: an older one is renamed out
+   of the way before it is deleted, so a kill never leaves a half-deleted step-N that looks complete);
 6. RUN_DIR/final: what the method saves (full: an HF-format model folder).
 
 Exact resume: the batch a step reads is a pure function of (seed, samples seen) and the LR a pure function of
 the step, so restoring the weights, the optimizer state, the RNG states and those two counters continues a run
 exactly as if it had never stopped. Checkpoints hold full (unsharded) tensors, so a run saved by N processes
 loads in one. Only rank 0 writes files; every rank reads checkpoints (RUN_DIR must be on a shared filesystem
-for runs over several machines).
+for runs over several machines). What a killed run leaves besides its checkpoints (the hidden temporary folders of an
+interrupted save or prune) is swept when a run starts or resumes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import json
 import math
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -429,9 +430,21 @@ def load_training_checkpoint(folder: Path, raw: nn.Module, optimizer: torch.opti
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:
-    if keep_last > 0:
-        for old in checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old)
+    from llmlab.checkpoint import remove_folder
+
+    for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        remove_folder(old)
+
+
+def _sweep(run_dir: Path) -> None:
+    """Remove what killed runs left in RUN_DIR: temporary folders of interrupted saves (`.step-N.tmp-*`,
+    `.final.tmp-*`), checkpoints set aside by an interrupted prune or replace (`.step-N.old-*`), metrics rewrites."""
+    from llmlab.checkpoint import sweep_leftovers
+
+    removed = sweep_leftovers(run_dir / CHECKPOINTS, _STEP_DIR) + sweep_leftovers(run_dir, r"final|metrics\.csv")
+    if removed:
+        print(f"llmlab: removed what interrupted saves left in {run_dir}: {', '.join(p.name for p in removed)}",
+              file=sys.stderr)
 
 
 # -- the loop ----------------------------------------------------------------------------------------
@@ -442,9 +455,12 @@ def train(model: nn.Module, method: Method, data: TrainData, config: TrainConfig
     `resume`: `auto` continues from RUN_DIR's latest checkpoint if there is one, `no` refuses to touch a run
     that has checkpoints, a path resumes from that run or checkpoint folder.
     """
+    from llmlab.checkpoint import check_folder_path
+
     cfg = config
     cfg.validate()
     run_dir = Path(run_dir)
+    check_folder_path(run_dir)
     env = setup_env(cfg)
     try:
         return _train(model, method, data, cfg, run_dir, tokenizer, resume, env)
@@ -460,6 +476,8 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
     samples_per_step = B * accum * env.world
     max_steps = math.ceil(cfg.max_tokens / (samples_per_step * cfg.seq_len)) if cfg.max_tokens else cfg.max_steps
     start = find_resume(run_dir, resume)
+    if env.main:
+        _sweep(run_dir)
     torch.manual_seed(cfg.seed + env.rank)  # per-process randomness of the methods (the data has its own)
 
     raw = method.prepare(model.to(env.device))

@@ -118,7 +118,9 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, ranks={ranks}, merged={self.merged}"
 
 
-def _slices(model: nn.Module, fused: str) -> list[tuple[int, int]]:
+def projection_slices(model: nn.Module, fused: str) -> list[tuple[int, int]]:
+    """The output rows (start, end) of each projection inside the module `fused` of a block (q, k, v of qkv_proj;
+    gate, up of gate_up_proj; one span for the others)."""
     cfg = model.config
     if fused == "qkv_proj":
         q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
@@ -151,7 +153,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig, ranks: dict[str, int] | Non
             base = getattr(parent, fused)
             if isinstance(base, LoRALinear):
                 raise LLMLabError("the model already has LoRA modules; merge or remove them before adding more")
-            spans = _slices(model, fused)
+            spans = projection_slices(model, fused)
             names = [t for t in LORA_TARGETS if _MODULE_OF[t][1] == fused]
             slices = {t: spans[_MODULE_OF[t][2]] for t in names if t in group}
             setattr(parent, fused, cls(base, slices, group, config.alpha, config.dropout, config.rslora))

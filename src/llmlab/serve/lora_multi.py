@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.errors import LLMLabError
-from llmlab.methods.lora import _MODULE_OF, _slices, check_base, read_adapter
+from llmlab.methods.lora import _MODULE_OF, check_base, projection_slices, read_adapter
 
 
 def _read_text(path: Path) -> str:
@@ -88,7 +88,7 @@ class MultiLoRA:
         staged = []
         for path, parts in per_module.items():
             linear = self._base_linear(path)
-            spans = _slices(self.model, path.rsplit(".", 1)[1])
+            spans = projection_slices(self.model, path.rsplit(".", 1)[1])
             dev, dt = linear.weight.device, linear.weight.dtype
             A = torch.cat([a for _, a, _ in parts]).to(dev, dt)
             B = torch.zeros(linear.out_features, A.shape[0], device=dev, dtype=dt)
