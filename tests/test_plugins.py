@@ -46,6 +46,16 @@ def test_calculator_rejects_everything_but_arithmetic(expr, message):
         calculate(expr)
 
 
+def test_calculator_sizes_a_power_before_computing_it():
+    """(9**999 * ...)**999 is 34 characters and would take seconds holding the interpreter: the result's size is
+    known from the operands, so it is refused before any work; powers that fit are still computed exactly."""
+    with pytest.raises(LLMLabError, match="more than 4300 digits"):
+        calculate("(9**999*9**999*9**999*9**999)**999")
+    with pytest.raises(LLMLabError, match="more than 4300 digits"):
+        calculate("(2**1000)**15")
+    assert calculate("(2**1000)**14") == 2**14000 and calculate("(-3)**3") == -27 and calculate("2**-2") == 0.25
+
+
 def test_calculator_plugin_reports_rejections_to_the_model():
     calc = load_plugins(["calculator"])[0]
     assert run_plugin(calc, {"expression": "6 * 7"}).content == "42"
