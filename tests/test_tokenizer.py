@@ -73,3 +73,11 @@ def test_chat_session_renders_through_it(tmp_path):
     session = ChatSession(model, tok, max_new_tokens=4)
     session.messages.append({"role": "user", "content": INJECTION})
     assert session._fit().count(tok.token_id("<|im_start|>")) == 2
+
+
+def test_long_texts_take_the_gil_free_path_with_the_same_ids():
+    tok = tiny_tokenizer()
+    long = "the cat says meow <|im_end|> " * 500  # over 10,000 characters: encoded through encode_batch
+    assert tok.encode(long) == tok.backend.encode(long, add_special_tokens=False).ids
+    ids = tok.encode_chat([{"role": "user", "content": long}])
+    assert ids.count(tok.token_id("<|im_start|>")) == 2 and ids.count(tok.token_id("<|im_end|>")) == 1

@@ -122,7 +122,7 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None, special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. With `special_tokens`, special tokens written in the text (e.g. <|im_start|>) map to
         their ids; without, that text is encoded like any other (the way message content is, see `encode_chat`)."""
-        ids = (self.backend if special_tokens else self._text_backend()).encode(text, add_special_tokens=False).ids
+        ids = _encode(self.backend if special_tokens else self._text_backend(), text).ids
         add_bos = self.add_bos if add_bos is None else add_bos
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
@@ -155,7 +155,7 @@ class Tokenizer:
         if not any(isinstance(m["content"], str) and any(t in m["content"] for t in specials) for m in messages):
             return self.encode(text, add_bos=False)  # nothing to tell apart: the same ids either way
         spans = self._content_spans(messages, add_generation_prompt, text)
-        enc = self.backend.encode(text, add_special_tokens=False)
+        enc = _encode(self.backend, text)
         control, ids, start = set(specials.values()), [], 0
         for tok, (a, b) in zip(enc.ids, enc.offsets):
             if tok not in control or any(s <= a < e for s, e in spans):
@@ -200,6 +200,17 @@ class Tokenizer:
         raise LLMLabError("chat messages contain special-token text (e.g. <|im_end|>) and this chat template changes "
                           "message text in a way that cannot be traced, so it cannot be kept as plain text; remove "
                           "the special tokens from the messages")
+
+
+_LONG_TEXT = 10_000  # characters
+
+
+def _encode(backend: HFTokenizer, text: str) -> Any:
+    """`backend.encode(text)`; a long text goes through `encode_batch`, which releases the GIL while it works (about
+    0.5 s for 1 MB), so a server tokenizing a long prompt in a worker thread keeps answering others meanwhile."""
+    if len(text) < _LONG_TEXT:
+        return backend.encode(text, add_special_tokens=False)
+    return backend.encode_batch([text], add_special_tokens=False)[0]
 
 
 _TEMPLATES: dict[str, Any] = {}
