@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
 import pytest
 import torch
 from _rag import tiny_long_checkpoint
 
-from llmlab.constrained import bounded_schema, json_processor, tool_call_processor
+from llmlab.constrained import bounded_schema, check_schema, json_processor, tool_call_processor
 from llmlab.errors import LLMLabError
 from llmlab.generate import SamplingParams, generate_tokens, load_for_generation, stream
 from llmlab.plugins.calling import parse_tool_calls, template_messages
@@ -40,6 +41,41 @@ def test_bounded_schema_only_narrows():
     jsonschema.validate({"city": "Oslo", "days": 3, "units": "metric", "tags": ["a"]}, b)
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"city": "x" * 21, "days": 3, "units": "metric"}, b)
+
+
+def test_bounded_schema_leaves_data_keywords_alone():
+    """const/enum/default values are data, not schemas: one that looks like a schema is not rewritten."""
+    schema = {"type": "object", "properties": {"x": {"const": {"type": "string", "minLength": 2}},
+                                               "default": {"type": "string"}}}
+    b = bounded_schema(schema)
+    assert b["properties"]["x"] == schema["properties"]["x"]
+    assert "pattern" in b["properties"]["default"]  # a property named like a keyword is still a schema
+
+
+@pytest.mark.parametrize("schema, where", [
+    ({"type": "object", "properties": {"x": {"type": "string", "minLength": "a"}}}, "S.properties.x.minLength"),
+    ({"type": "object", "properties": {"x": {"type": "strin"}}}, "S.properties.x.type"),
+    ({"type": "array", "maxItems": -1}, "S.maxItems"),
+    ({"anyOf": [{"type": "integer"}, {"minimum": "0"}]}, "S.anyOf[1].minimum"),
+])
+def test_invalid_schemas_are_named_errors(schema, where):
+    with pytest.raises(LLMLabError, match=f"^{re.escape(where)}: not a valid JSON schema"):
+        check_schema(schema, "S")
+    with pytest.raises(LLMLabError, match="not a valid JSON schema"):
+        bounded_schema(schema)
+    check_schema(SCHEMA, "S")
+
+
+def test_a_fork_has_its_own_parser(tiny):
+    _, tok = tiny
+    proc = json_processor(tok, {"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]})
+    ids = tok.encode('{"a":"x"}')
+    other = proc.fork()
+    logits = torch.zeros(tok.vocab_size)
+    for i in range(len(ids) + 1):  # one fork consumes a whole object; the original has not moved
+        other(ids[:i], logits)
+    assert other.done and not proc.done
+    assert torch.isfinite(proc(ids[:1], logits)).any()
 
 
 @pytest.mark.parametrize("seed", range(4))

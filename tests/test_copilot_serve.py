@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import openai
@@ -84,6 +85,71 @@ def test_tool_errors_are_400(client):
     with pytest.raises(openai.BadRequestError, match=r"tools\[0\]: expected"):
         client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
                                        tools=[{"type": "retrieval"}])
+
+
+def test_each_of_n_choices_is_a_valid_call(client):
+    """Each choice has its own grammar state: with n = 4 at temperature 1 every choice is a complete call."""
+    r = client.chat.completions.create(model="m", messages=[{"role": "user", "content": "What does the cat say?"}],
+                                       tools=TOOLS, tool_choice="required", temperature=1.0, seed=3, n=4,
+                                       max_tokens=300)
+    assert len(r.choices) == 4 and [c.finish_reason for c in r.choices] == ["tool_calls"] * 4
+    for choice in r.choices:
+        check_calls(choice.message)
+    assert len({c.message.tool_calls[0].function.arguments for c in r.choices}) > 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_tokens_is_reported_without_the_internal_markup(client, stream):
+    """OpenAI's way: finish_reason "length" and the call as far as it got (its name, then arguments that may not be
+    complete JSON yet); before the name is complete there is no call; `<tool_call>` never shows."""
+    kw = dict(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tools_demo.WEATHER],
+              tool_choice="required", temperature=0)
+    full = client.chat.completions.create(**kw, max_tokens=300)
+    compact = json.dumps(json.loads(full.choices[0].message.tool_calls[0].function.arguments), separators=(",", ":"),
+                         ensure_ascii=False)
+    n = full.usage.completion_tokens
+    partial = 0
+    for max_tokens in sorted({3, *range(n // 3, n, max(1, n // 8))}):
+        if stream:
+            chunks = list(client.chat.completions.create(**kw, max_tokens=max_tokens, stream=True))
+            deltas = [c.choices[0].delta for c in chunks if c.choices]
+            content = "".join(d.content or "" for d in deltas)
+            calls = [t for d in deltas for t in d.tool_calls or []]
+            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        else:
+            r = client.chat.completions.create(**kw, max_tokens=max_tokens)
+            msg = r.choices[0].message
+            content, calls, reason = msg.content, msg.tool_calls or [], r.choices[0].finish_reason
+        assert not content, (max_tokens, content)  # no markup, no text: a call or nothing
+        if reason == "tool_calls":  # only the closing tag was cut: the call is whole
+            check_calls(type("Message", (), {"tool_calls": calls})())
+            continue
+        assert reason == "length"
+        if max_tokens == 3:
+            assert calls == []
+        if calls:
+            assert [c.function.name for c in calls] == ["get_weather"]
+            assert compact.startswith(calls[0].function.arguments)
+            partial += 1
+    assert partial, "some cut should fall inside the arguments"
+
+
+def test_bad_tool_schemas_and_choices_are_400(client):
+    bad = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "minLength": "a"}}}}}
+    e = _error(lambda: client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                      tools=[bad]))
+    assert e.status_code == 400 and e.body["param"] == "tools"
+    assert "tools[0].function.parameters.properties.x.minLength" in e.body["message"]
+    e = _error(lambda: client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}],
+                                                      tools=TOOLS, tool_choice={"type": "function", "function": "x"}))
+    assert e.status_code == 400 and e.body["param"] == "tool_choice.function"
+
+
+def _error(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as info:
+        call()
+    return info.value
 
 
 def test_index_adds_sources_and_citations(tmp_path):

@@ -3,6 +3,7 @@ the `llmlab.plugins` entry-point group, and the call-execute-respond loop on a t
 
 from __future__ import annotations
 
+import ast
 import json
 import sys
 import time
@@ -12,7 +13,7 @@ from _rag import tiny_long_checkpoint
 
 from llmlab.errors import LLMLabError
 from llmlab.generate import ChatSession, SamplingParams, load_for_generation
-from llmlab.plugins import Plugin, PluginContext, available_plugins, load_plugins, run_plugin
+from llmlab.plugins import Plugin, PluginContext, available_plugins, builtin, load_plugins, run_plugin
 from llmlab.plugins.builtin import calculate, now
 from llmlab.plugins.calling import ToolChat, parse_tool_calls, select_tools, template_messages
 
@@ -44,6 +45,24 @@ def test_calculator_rejects_everything_but_arithmetic(expr, message):
     with pytest.raises(LLMLabError, match="calculator: .*" + message.replace("(", r"\(").replace(")", r"\)")
                        .replace("*", r"\*")):
         calculate(expr)
+
+
+def test_calculator_sizes_a_power_before_computing_it(monkeypatch):
+    """(9**999 * ...)**999 is 34 characters and would take seconds holding the interpreter: the result's size is
+    known from the operands, so it is refused before the power is computed; powers that fit are still exact."""
+    power = builtin._BINARY[ast.Pow]
+
+    def watched(a, b):
+        if isinstance(a, int) and isinstance(b, int) and (abs(a).bit_length() - 1) * b > 100_000:
+            raise AssertionError(f"computing a {abs(a).bit_length()}-bit integer to the power {b}")
+        return power(a, b)
+
+    monkeypatch.setitem(builtin._BINARY, ast.Pow, watched)
+    with pytest.raises(LLMLabError, match="more than 4300 digits"):
+        calculate("(9**999*9**999*9**999*9**999)**999")
+    with pytest.raises(LLMLabError, match="more than 4300 digits"):
+        calculate("(2**1000)**15")
+    assert calculate("(2**1000)**14") == 2**14000 and calculate("(-3)**3") == -27 and calculate("2**-2") == 0.25
 
 
 def test_calculator_plugin_reports_rejections_to_the_model():

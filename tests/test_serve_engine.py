@@ -156,9 +156,29 @@ def test_logits_processor_hook_constrains_every_token(engine):
         return out
 
     text, reason = engine.generate(GenerationRequest(ids, 4, SamplingParams(temperature=1.0),
-                                                     logits_processor=only_meow), 60)[0]
+                                                     logits_processor_factory=lambda: only_meow), 60)[0]
     assert text == engine.tokenizer.decode([allowed] * 4) and reason == "length"
     assert seen == [[], [allowed], [allowed] * 2, [allowed] * 3]
+
+
+def test_each_choice_gets_its_own_logits_processor(engine):
+    """A processor may keep per-sequence state (a grammar's parser): with n = 3 each choice has its own, which sees
+    that choice's tokens only, one call per token."""
+    ids = engine.tokenizer.encode(PROMPTS[0])
+    seen: list[list[list[int]]] = []
+
+    def factory():
+        calls: list[list[int]] = []
+        seen.append(calls)
+        return lambda generated, logits: calls.append(list(generated)) or logits
+
+    out = engine.generate(GenerationRequest(ids, 5, SamplingParams(temperature=1.0, seed=4), n=3,
+                                            logits_processor_factory=factory), 60)
+    assert len(seen) == 3 and len({t for t, _ in out}) == 3
+    for calls in seen:  # one sequence each: every call extends the one before by one token
+        assert [len(c) for c in calls] == [0, 1, 2, 3, 4]
+        assert all(calls[i] == calls[i + 1][:i] for i in range(4))
+    assert len({tuple(calls[-1]) for calls in seen}) == 3
 
 
 def test_failing_logits_processor_fails_only_its_request(engine):
@@ -168,7 +188,7 @@ def test_failing_logits_processor_fails_only_its_request(engine):
         raise ValueError("grammar exploded")
 
     with pytest.raises(LLMLabError, match="grammar exploded"):
-        engine.generate(GenerationRequest(ids, 4, logits_processor=broken), 60)
+        engine.generate(GenerationRequest(ids, 4, logits_processor_factory=lambda: broken), 60)
     assert engine.generate(GenerationRequest(ids, 4), 60)[0][1] == "length"
 
 

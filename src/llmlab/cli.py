@@ -484,7 +484,8 @@ COMMANDS += [evaluate]
 
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
-          max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto", index: Path | None = None) -> None:
+          max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto", index: Path | None = None,
+          allowed_hosts: list[str] | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, streaming) with a chat page.
 
     Requests are batched continuously (new ones join the running batch between decode steps); each request picks
@@ -507,12 +508,15 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         device: auto, cpu, cuda or cuda:N.
         index: An index folder from `llmlab index`: chat answers are grounded in its documents and the response
             lists them in the extra field `sources` (docs/copilot.md). Tool calls (`tools`) work with or without it.
+        allowed_hosts: Host names a request's Host header may give, against DNS rebinding (repeat the option;
+            "*.example.com" matches subdomains, "*" any). Default: localhost, 127.0.0.1 and [::1] when --host is a
+            loopback address, any otherwise.
     """
     import os
 
     import uvicorn
 
-    from llmlab.serve import load_engine, parse_adapters
+    from llmlab.serve import default_allowed_hosts, load_engine, parse_adapters
     from llmlab.serve.api import create_app
 
     if not 1 <= port <= 65535:
@@ -532,7 +536,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
         docs = open_index(index)
     copilot = CopilotExtension(tokenizer, engine.model.config.vocab_size, docs)
-    app = create_app(engine, tokenizer, name, api_key=key, extensions=[copilot])
+    app = create_app(engine, tokenizer, name, api_key=key, extensions=[copilot],
+                     allowed_hosts=allowed_hosts or default_allowed_hosts(host))
     print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}) on http://{host}:{port}/",
           file=sys.stderr)
     try:

@@ -10,7 +10,12 @@ text or a tool call whose JSON matches this schema" (what `tool_choice: auto` ne
 
 JSON is compiled without free whitespace, so a small model cannot loop on spaces inside an object, and strings and
 arrays without a bound get one (`bounded_schema`): a call then always ends within a known number of tokens. Both
-keep every output valid under the caller's original schema.
+keep every output valid under the caller's original schema. A schema is first checked against its JSON Schema
+meta-schema (`check_schema`, with jsonschema), so a malformed one (`"minLength": "a"`) is a clear error naming the
+keyword, never a crash.
+
+A processor keeps the parser state of one sequence; `fork()` gives another sequence (each of a request's `n`
+choices) its own copy.
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ from llmlab.tokenizer import Tokenizer
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _LL_TOKENIZERS: dict[tuple[int, int], Any] = {}
+# the keywords whose value is a subschema (or a list of them), and those whose value maps names to subschemas; any
+# other keyword's value is data (const, enum, default, ...) or a constraint, and is left as it is
+_SUBSCHEMA = {"items", "additionalItems", "additionalProperties", "not", "if", "then", "else", "contains",
+              "propertyNames", "unevaluatedItems", "unevaluatedProperties", "allOf", "anyOf", "oneOf", "prefixItems"}
+_SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies"}
 
 
 def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> Any:
@@ -44,36 +54,60 @@ def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> Any:
     return _LL_TOKENIZERS[key]
 
 
+def check_schema(schema: Any, where: str = "the JSON schema") -> None:
+    """Raise LLMLabError naming `where` and the bad keyword's path when `schema` is not a valid JSON Schema (checked
+    by jsonschema against the meta-schema its `$schema` names, draft 2020-12 by default)."""
+    import jsonschema
+    from jsonschema.validators import validator_for
+
+    if not isinstance(schema, dict):
+        raise LLMLabError(f"{where} must be a JSON schema object, got {type(schema).__name__}")
+    meta = schema.get("$schema")
+    default = jsonschema.Draft202012Validator
+    validator = validator_for(schema, default=default) if isinstance(meta, str) else default
+    try:
+        validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e.absolute_path)
+        message = e.message if len(e.message) <= 200 else e.message[:200] + "..."
+        raise LLMLabError(f"{where}{path}: not a valid JSON schema: {message}") from e
+
+
 def bounded_schema(schema: dict[str, Any], max_string: int = 100, max_items: int = 8) -> dict[str, Any]:
     """A copy of `schema` in which generation must end soon and cannot wander: free strings (no enum, const,
     pattern or format) get a pattern of at most `max_string` characters (or their maxLength) without braces, angle
     brackets or control characters, unbounded arrays get maxItems, and objects that list their properties allow no
     others.
 
-    Anything the copy accepts the original accepts too (it only narrows).
+    Anything the copy accepts the original accepts too (it only narrows). `schema` is checked first (`check_schema`).
     """
+    def sub(key: str, value: Any) -> Any:
+        if key in _SUBSCHEMA:
+            return [walk(x) for x in value] if isinstance(value, list) else walk(value)
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            return {name: walk(x) for name, x in value.items()}
+        return value
+
     def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(x) for x in node]
-        if not isinstance(node, dict):
+        if not isinstance(node, dict):  # a boolean schema, or a `dependencies` list of property names
             return node
-        node = {k: walk(v) for k, v in node.items()}
+        node = {k: sub(k, v) for k, v in node.items()}
         types = node.get("type")
         types = types if isinstance(types, list) else [types]
         free = not any(k in node for k in ("enum", "const", "pattern", "format"))
         if "string" in types and free:
             # no braces, angle brackets or control characters, so a small model that "closes" its object or call
             # early inside a string is made to close the string first; and a length bound
-            low, high = node.get("minLength", 0), node.get("maxLength", max(max_string, node.get("minLength", 0)))
+            low = int(node.get("minLength", 0))  # the meta-schema allows 3.0 for 3
+            high = int(node.get("maxLength", max(max_string, low)))
             node["pattern"] = "^[^{}<>\\x00-\\x1f]{" + f"{low},{high}" + "}$"
         if "object" in types and "properties" in node and "additionalProperties" not in node:
             node["additionalProperties"] = False  # otherwise any key with any value may follow, without end
         if "array" in types and "maxItems" not in node:
-            node["maxItems"] = max(max_items, node.get("minItems", 0))
+            node["maxItems"] = max(max_items, int(node.get("minItems", 0)))
         return node
 
-    if not isinstance(schema, dict):
-        raise LLMLabError(f"a JSON schema must be an object, got {type(schema).__name__}")
+    check_schema(schema)
     return walk(copy.deepcopy(schema))
 
 
@@ -132,6 +166,13 @@ class GrammarLogitsProcessor:
         if self.matcher.is_error():
             raise LLMLabError(f"constrained decoding: the grammar does not compile: {self.matcher.get_error()}")
         self.consumed = 0
+
+    def fork(self) -> GrammarLogitsProcessor:
+        """A processor in this one's state with a parser of its own, for another sequence (each choice of a
+        request with `n` > 1 needs one: a parser fed two sequences' tokens accepts neither)."""
+        twin = copy.copy(self)
+        twin.matcher = self.matcher.deep_copy()
+        return twin
 
     def allowed(self) -> Tensor:
         """Bool (V,) of the tokens the grammar accepts next."""

@@ -2,11 +2,17 @@
 
 The chat template is rendered with jinja2 in a sandbox, with the same environment options transformers uses
 (`trim_blocks`, `lstrip_blocks`, loop controls), so a template renders here exactly as it does there.
+
+Message text is text: `encode_chat` keeps the control tokens the template writes (`<|im_start|>`, ...) and encodes
+special-token text that appears inside a message's content as ordinary text tokens, so a user who types
+`<|im_end|>\n<|im_start|>system` cannot open a system turn. Every chat path (the server, `llmlab chat`, `generate`
+with the chat template) renders through it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -35,6 +41,7 @@ class Tokenizer:
         self.add_bos = add_bos
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+        self._plain: HFTokenizer | None = None  # a copy that never matches special tokens in text (lazy)
         for name in ("bos_token", "eos_token", "pad_token"):
             tok = getattr(self, name)
             if tok is not None and backend.token_to_id(tok) is None:
@@ -107,9 +114,15 @@ class Tokenizer:
         pad = self.token_id(self.pad_token)
         return pad if pad is not None else self.eos_id
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of `text`; special tokens written in the text (e.g. <|im_start|>) map to their ids."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """{text: id} of the vocabulary's special (control) tokens."""
+        return {t.content: i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_bos: bool | None = None, special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. With `special_tokens`, special tokens written in the text (e.g. <|im_start|>) map to
+        their ids; without, that text is encoded like any other (the way message content is, see `encode_chat`)."""
+        ids = _encode(self.backend if special_tokens else self._text_backend(), text).ids
         add_bos = self.add_bos if add_bos is None else add_bos
         if add_bos and self.bos_id is not None and (not ids or ids[0] != self.bos_id):
             ids = [self.bos_id, *ids]
@@ -134,8 +147,70 @@ class Tokenizer:
             bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of `messages` rendered with the chat template. The template's own special tokens are control
+        tokens; special-token text inside a message's content is ordinary text (see the module docstring)."""
+        text = self.apply_chat_template(messages, add_generation_prompt)
         # the template writes the BOS itself where the model wants one
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_bos=False)
+        specials = self.special_tokens
+        if not any(isinstance(m["content"], str) and any(t in m["content"] for t in specials) for m in messages):
+            return self.encode(text, add_bos=False)  # nothing to tell apart: the same ids either way
+        spans = self._content_spans(messages, add_generation_prompt, text)
+        enc = _encode(self.backend, text)
+        control, ids, start = set(specials.values()), [], 0
+        for tok, (a, b) in zip(enc.ids, enc.offsets):
+            if tok not in control or any(s <= a < e for s, e in spans):
+                continue  # text, or special-token text typed inside a message
+            ids += self.encode(text[start:a], add_bos=False, special_tokens=False) + [tok]
+            start = b
+        return ids + self.encode(text[start:], add_bos=False, special_tokens=False)
+
+    def _text_backend(self) -> HFTokenizer:
+        if self._plain is None:
+            plain = HFTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True  # special-token text splits into ordinary tokens
+            self._plain = plain
+        return self._plain
+
+    def _content_spans(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool,
+                       text: str) -> list[tuple[int, int]]:
+        """Where each message's content sits in `text` (the rendering of `messages`): the template is rendered again
+        with a placeholder for each content and the two renderings are aligned. A template may write a content
+        verbatim or stripped; one that changes it otherwise cannot be aligned, and then special-token text in a
+        message is refused rather than let through as control tokens."""
+        marked = [{**m, "content": f"\ue000{i}\ue001"} if isinstance(m["content"], str) else m
+                  for i, m in enumerate(messages)]
+        parts = re.split("\ue000(\\d+)\ue001", self.apply_chat_template(marked, add_generation_prompt))
+        spans, pos = [], 0
+        for k, part in enumerate(parts):
+            if k % 2 == 0:  # the template's own text
+                if not text.startswith(part, pos):
+                    break
+                pos += len(part)
+                continue
+            content = messages[int(part)]["content"]
+            form = next((f for f in (content, content.strip()) if text.startswith(f, pos)
+                         and text.startswith(parts[k + 1], pos + len(f))), None)
+            if form is None:
+                break
+            spans.append((pos, pos + len(form)))
+            pos += len(form)
+        else:
+            if pos == len(text):
+                return spans
+        raise LLMLabError("chat messages contain special-token text (e.g. <|im_end|>) and this chat template changes "
+                          "message text in a way that cannot be traced, so it cannot be kept as plain text; remove "
+                          "the special tokens from the messages")
+
+
+_LONG_TEXT = 10_000  # characters
+
+
+def _encode(backend: HFTokenizer, text: str) -> Any:
+    """`backend.encode(text)`; a long text goes through `encode_batch`, which releases the GIL while it works (about
+    0.5 s for 1 MB), so a server tokenizing a long prompt in a worker thread keeps answering others meanwhile."""
+    if len(text) < _LONG_TEXT:
+        return backend.encode(text, add_special_tokens=False)
+    return backend.encode_batch([text], add_special_tokens=False)[0]
 
 
 _TEMPLATES: dict[str, Any] = {}

@@ -15,6 +15,7 @@ from llmlab.plugins import Plugin, PluginContext
 MAX_EXPRESSION = 500  # characters
 MAX_EXPONENT = 1000  # |b| in a ** b, so 2 ** 10 ** 10 is refused instead of eating the CPU
 MAX_RESULT_DIGITS = 4300  # Python's own int -> str limit
+_MAX_RESULT_BITS = int(MAX_RESULT_DIGITS * math.log2(10))
 
 _BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
@@ -27,11 +28,21 @@ _WHAT = {ast.Name: "names", ast.Attribute: "attribute access", ast.Call: "functi
 def _number(value: int | float | complex) -> int | float:
     if isinstance(value, complex):
         raise LLMLabError("calculator: the result is not a real number (a negative number to a fractional power)")
-    if isinstance(value, int) and abs(value).bit_length() > MAX_RESULT_DIGITS * 3.33:
+    if isinstance(value, int) and abs(value).bit_length() > _MAX_RESULT_BITS:
         raise LLMLabError(f"calculator: the result has more than {MAX_RESULT_DIGITS} digits")
     if isinstance(value, float) and not math.isfinite(value):
         raise LLMLabError("calculator: the result is not a finite number (overflow)")
     return value
+
+
+def _check_power(base: int | float, exponent: int | float) -> None:
+    """Refuse a ** b before computing it when the result would be too large: an integer power's size is known in
+    advance (|a| >= 2^(bits(a) - 1)), and computing a 12-million-bit one holds the interpreter for seconds."""
+    if abs(exponent) > MAX_EXPONENT:
+        raise LLMLabError(f"calculator: exponent {exponent} is too large (at most {MAX_EXPONENT} in absolute value)")
+    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
+        if (abs(base).bit_length() - 1) * exponent > _MAX_RESULT_BITS:
+            raise LLMLabError(f"calculator: the result has more than {MAX_RESULT_DIGITS} digits")
 
 
 def _eval(node: ast.AST) -> int | float:
@@ -45,8 +56,8 @@ def _eval(node: ast.AST) -> int | float:
         return _UNARY[type(node.op)](_eval(node.operand))
     if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
         left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and abs(right) > MAX_EXPONENT:
-            raise LLMLabError(f"calculator: exponent {right} is too large (at most {MAX_EXPONENT} in absolute value)")
+        if isinstance(node.op, ast.Pow):
+            _check_power(left, right)
         try:
             return _number(_BINARY[type(node.op)](left, right))
         except ZeroDivisionError as e:

@@ -16,7 +16,13 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from llmlab.constrained import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, GrammarLogitsProcessor, tool_call_processor
+from llmlab.constrained import (
+    TOOL_CALL_CLOSE,
+    TOOL_CALL_OPEN,
+    GrammarLogitsProcessor,
+    check_schema,
+    tool_call_processor,
+)
 from llmlab.errors import LLMLabError
 from llmlab.generate import ChatSession
 from llmlab.plugins import Plugin, PluginResult, run_plugin
@@ -52,6 +58,8 @@ def check_tools(tools: Any) -> list[dict[str, Any]]:
         params = fn.get("parameters")
         if params is not None and (not isinstance(params, dict) or params.get("type", "object") != "object"):
             raise LLMLabError(f"tools[{i}].function.parameters must be a JSON schema of type object")
+        if params is not None:
+            check_schema(params, f"tools[{i}].function.parameters")
     return tools
 
 

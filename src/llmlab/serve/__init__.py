@@ -3,7 +3,7 @@
 `engine.Engine` owns the model and batches requests (continuous batching over a static KV cache),
 `lora_multi.MultiLoRA` applies a different LoRA adapter to each batch row, `api.create_app` is the FastAPI app
 (OpenAI schemas, SSE streaming, errors, the chat page in `static/`). `load_engine` + `create_app` is what
-`llmlab serve` runs; see docs/serve.md.
+`llmlab serve` runs (with `default_allowed_hosts` for its Host check); see docs/serve.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,25 @@ def parse_adapters(specs: list[str] | None) -> dict[str, Path]:
             raise LLMLabError(f"--adapter: the name '{name}' is given twice")
         out[name] = Path(folder)
     return out
+
+
+def default_allowed_hosts(bind_host: str) -> list[str]:
+    """The Host names a server listening on `bind_host` accepts by default: on a loopback address only the local
+    names, so a web page whose domain an attacker re-points at 127.0.0.1 (DNS rebinding) cannot reach it; on any
+    other address every name (say --allowed-hosts there)."""
+    import ipaddress
+
+    local = ["localhost", "127.0.0.1", "[::1]"]
+    if bind_host == "localhost":
+        return local
+    try:
+        address = ipaddress.ip_address(bind_host.strip("[]"))
+    except ValueError:
+        return ["*"]
+    if not address.is_loopback:
+        return ["*"]
+    own = f"[{address}]" if address.version == 6 else str(address)
+    return list(dict.fromkeys([*local, own]))
 
 
 def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | None = None, max_batch: int = 16,

@@ -1,22 +1,31 @@
 """The OpenAI-compatible HTTP API (FastAPI) over an `Engine`: models, completions, chat completions, a chat page.
 
 Routes: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions` (OpenAI's request and response
-schemas; `stream: true` sends server-sent events in OpenAI's chunk format ending with `data: [DONE]`),
-`GET /health` (engine counters) and `GET /` (the chat page, `static/index.html`). The request's `model` is the
-base model's name or a loaded adapter's. With an API key, /v1 routes need `Authorization: Bearer KEY`
-(compared in constant time). Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`:
-400 invalid parameters, 401 bad key, 404 unknown model or route, 413 prompt longer than the context,
-503 queue full. A client that disconnects cancels its generation.
+schemas, `llmlab.serve.protocol`; `stream: true` sends server-sent events in OpenAI's chunk format ending with
+`data: [DONE]`), `GET /health` (liveness; the model, adapters and engine counters only for a client with the key)
+and `GET /` (the chat page, `static/index.html`). The request's `model` is the base model's name or a loaded
+adapter's. Errors use OpenAI's body `{"error": {"message", "type", "param", "code"}}`: 400 invalid parameters,
+401 bad key, 404 unknown model or route, 413 body over the size limit or prompt longer than the context, 503 queue
+full. A client that disconnects cancels its generation.
+
+What runs before a request's body is read (so an oversized or unauthenticated request costs next to nothing):
+Starlette's `TrustedHostMiddleware` (with `allowed_hosts`: a `Host` header naming another host, as a DNS-rebinding
+page sends, is refused), its `AuthenticationMiddleware` (with an API key, a /v1 request without
+`Authorization: Bearer KEY` is answered 401 from its headers alone; the key is compared in constant time), and
+FastAPI's request body limit on the POST routes (`max_body_bytes`: 413 from `Content-Length` alone, or as soon as
+the bytes read exceed it), in that order.
+Tokenizing runs in a worker thread, so a long prompt never holds up the event loop (/health, other streams).
 
 Extensions (retrieval, tool calls, plug-ins) hook into chat completions without forking this module: pass
 `extensions=[...]` to `create_app`; each has `prepare_chat(request, plan) -> ChatPlan | None`, called (in a worker
 thread) before the prompt is rendered. A `ChatPlan` holds the messages to render (add retrieved context, tool
-descriptions), an optional `prompt_ids` that replaces the rendering, a `logits_processor` (constrained decoding,
-see `llmlab.serve.engine`), a `finish(text) -> (message fields, finish_reason or None)` that turns the generated
-text into the reply message (e.g. `{"content": None, "tool_calls": [...]}`, "tool_calls"), and `extra` fields
-added to the response body (e.g. `sources`). Request models accept unknown fields (`model_extra`) and declare
-`tools` and `tool_choice`; without an extension, a request with `tools` is refused (400). More routes can be
-added with `app.include_router(...)`; `app.state.server` is the `Server` (engine, tokenizer, names, key check).
+descriptions), an optional `prompt_ids` that replaces the rendering, a `logits_processor_factory` (constrained
+decoding: called once per choice, see `llmlab.serve.engine`), a `finish(text) -> (message fields, finish_reason or
+None)` that turns the generated text into the reply message (e.g. `{"content": None, "tool_calls": [...]}`,
+"tool_calls"), and `extra` fields added to the response body (e.g. `sources`). Request models accept unknown fields
+(`model_extra`) and declare `tools` and `tool_choice`; without an extension, a request with `tools` is refused
+(400). More routes can be added with `app.include_router(...)` (protect them with `Depends(server.require_key)`);
+`app.state.server` is the `Server` (engine, tokenizer, names, key).
 """
 
 from __future__ import annotations
@@ -29,34 +38,37 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.authentication import AuthCredentials, AuthenticationBackend, AuthenticationError, SimpleUser
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import HTTPConnection
 
 from llmlab.errors import LLMLabError
-from llmlab.generate import SamplingParams
-from llmlab.serve.engine import Engine, Event, GenerationRequest, LogitsProcessor, QueueFull
+from llmlab.generate import LogitsProcessor, SamplingParams
+from llmlab.serve.engine import Engine, Event, GenerationRequest, QueueFull
+from llmlab.serve.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    SamplingRequest,
+    validation_error,
+)
 from llmlab.tokenizer import Tokenizer
 
+__all__ = ["APIError", "ChatCompletionRequest", "ChatExtension", "ChatPlan", "CompletionRequest", "Server",
+           "create_app"]
+
 STATIC = Path(__file__).parent / "static"
-
-
-# -- errors ----------------------------------------------------------------------------------------------
-class APIError(Exception):
-    """An error answered with OpenAI's error body and `status`."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+GREEDY_BELOW = 1e-5  # a temperature this small samples the argmax anyway, and dividing by 1e-320 overflows
+MIN_BODY_BYTES = 1 << 20  # the default body limit: 1 MiB, or 16 bytes per token of context if that is more
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -64,58 +76,14 @@ def _error_response(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
-# -- request schemas ---------------------------------------------------------------------------------------
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are accepted (extensions read model_extra)
-
-
-class _Sampling(_Open):
-    model: str
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    n: int | None = Field(None, ge=1)
-    stream: bool | None = False
-    stream_options: dict[str, Any] | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    user: str | None = None
-
-
-class CompletionRequest(_Sampling):
-    """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or a list of token-id lists."""
-
-    prompt: str | list[str] | list[int] | list[list[int]]
-    echo: bool | None = False
-    logprobs: int | None = None
-    best_of: int | None = None
-    suffix: str | None = None
-
-
-class ChatMessage(_Open):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
-
-
-class ChatCompletionRequest(_Sampling):
-    """POST /v1/chat/completions."""
-
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    logprobs: bool | None = None
-    response_format: dict[str, Any] | None = None
-
-
 # -- extensions --------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)  # slots: setting a field that does not exist (a misspelt hook) raises
 class ChatPlan:
     """What a chat request becomes before generation; extensions may change any field (see the module docstring)."""
 
     messages: list[dict[str, Any]]
     prompt_ids: list[int] | None = None
-    logits_processor: LogitsProcessor | None = None
+    logits_processor_factory: Callable[[], LogitsProcessor] | None = None
     finish: Callable[[str], tuple[dict[str, Any], str | None]] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     stop: list[str] = field(default_factory=list)
@@ -126,8 +94,27 @@ class ChatExtension(Protocol):
 
 
 # -- the server ----------------------------------------------------------------------------------------------
+class _KeyCheck(AuthenticationBackend):
+    """Starlette authentication from the headers alone: with a key, a /v1 request without it is refused here,
+    before its body is read; other routes (/health, the page) stay open and learn whether the client has it."""
+
+    def __init__(self, api_key: str | None) -> None:
+        self.api_key = api_key
+
+    async def authenticate(self, conn: HTTPConnection) -> tuple[AuthCredentials, SimpleUser] | None:
+        scheme, _, token = conn.headers.get("authorization", "").partition(" ")
+        if self.api_key is None or (scheme.lower() == "bearer" and
+                                    hmac.compare_digest(token.strip().encode(), self.api_key.encode())):
+            return AuthCredentials(["api"]), SimpleUser("client")
+        path = conn.scope["path"]
+        if path == "/v1" or path.startswith("/v1/"):
+            raise AuthenticationError("Incorrect API key provided: send the server's key as "
+                                      "`Authorization: Bearer KEY`")
+        return None
+
+
 class Server:
-    """What the routes share: the engine, the tokenizer, the served model names, the key check."""
+    """What the routes share: the engine, the tokenizer, the served model names, the key."""
 
     def __init__(self, engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                  extensions: Sequence[ChatExtension] = ()) -> None:
@@ -138,11 +125,10 @@ class Server:
     def adapters(self) -> list[str]:
         return list(self.engine.adapters.names) if self.engine.adapters is not None else []
 
-    def check_key(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+    @staticmethod
+    def require_key(request: Request) -> None:
+        """A route dependency: 401 unless the authentication middleware accepted the request's key."""
+        if "api" not in request.auth.scopes:
             raise APIError(401, "Incorrect API key provided: send the server's key as `Authorization: Bearer KEY`",
                            code="invalid_api_key")
 
@@ -171,18 +157,12 @@ class Server:
                            code="context_length_exceeded")
         return max_tokens
 
-    def sampling(self, body: _Sampling) -> SamplingParams:
+    def sampling(self, body: SamplingRequest) -> SamplingParams:
         temperature = 1.0 if body.temperature is None else body.temperature
-        return SamplingParams(temperature=temperature, top_p=1.0 if body.top_p is None else body.top_p,
-                              seed=body.seed)
+        return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+                              top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
 
-    def stops(self, body: _Sampling) -> list[str]:
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if any(s == "" for s in stops):
-            raise APIError(400, "stop strings must not be empty", param="stop")
-        return stops
-
-    def choices_per_prompt(self, body: _Sampling) -> int:
+    def choices_per_prompt(self, body: SamplingRequest) -> int:
         n = body.n or 1
         if n > self.engine.max_batch:
             raise APIError(400, f"n must be at most {self.engine.max_batch} (the server's --max-batch), got {n}",
@@ -268,11 +248,20 @@ def _message_text(msg: ChatMessage) -> str | None:
 
 # -- routes ------------------------------------------------------------------------------------------------
 def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               extensions: Sequence[ChatExtension] = ()) -> FastAPI:
-    """The FastAPI app serving `engine` under the name `model_name` (adapters under their own names)."""
+               extensions: Sequence[ChatExtension] = (), allowed_hosts: Sequence[str] | None = None,
+               max_body_bytes: int | None = None) -> FastAPI:
+    """The FastAPI app serving `engine` under the name `model_name` (adapters under their own names).
+
+    `allowed_hosts`: the host names the `Host` header may give ("*.example.com" matches subdomains; None or "*":
+    any). `max_body_bytes`: the largest request body (default: 1 MiB, or 16 bytes per token of context if more)."""
     server = Server(engine, tokenizer, model_name, api_key, extensions)
+    limit = max(MIN_BODY_BYTES, 16 * engine.max_seq_len) if max_body_bytes is None else max_body_bytes
     app = FastAPI(title="llmlab", summary="OpenAI-compatible API of an llmlab model")
     app.state.server = server
+    app.add_middleware(AuthenticationMiddleware, backend=_KeyCheck(api_key), on_error=lambda conn, exc:
+                       _error_response(APIError(401, str(exc), code="invalid_api_key")))
+    if allowed_hosts is not None and "*" not in allowed_hosts:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))  # outermost: runs first
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -280,20 +269,21 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        where = ".".join(loc)
-        return _error_response(APIError(400, f"{where}: {err.get('msg')}" if where else str(err.get("msg")),
-                                        param=where or None))
+        return _error_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error_response(APIError(exc.status_code, str(exc.detail), code=None))
+        if exc.status_code == 413:
+            return _error_response(APIError(413, f"The request body is larger than this server's limit of {limit} "
+                                            "bytes", code="request_too_large"))
+        return _error_response(APIError(exc.status_code, str(exc.detail)))
 
-    auth = [Depends(server.check_key)]
+    auth = [Depends(server.require_key)]
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health(request: Request) -> dict[str, Any]:
+        if "api" not in request.auth.scopes:  # liveness for anyone; what is served and how busy, for key holders
+            return {"status": "ok"}
         return {"status": "ok", "model": model_name, "adapters": server.adapters(), **engine.status()}
 
     @app.get("/", include_in_schema=False)
@@ -307,7 +297,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                   "root": model_name} for a in server.adapters()]
         return {"object": "list", "data": data}
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, max_body_size=limit)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         adapter = server.resolve_model(body.model)
         for name in ("logprobs", "best_of", "suffix"):
@@ -315,10 +305,10 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                 raise APIError(400, f"{name} is not supported by this server", param=name)
         if body.echo:
             raise APIError(400, "echo is not supported by this server", param="echo")
-        prompts = _prompt_ids(tokenizer, body.prompt)
         n = server.choices_per_prompt(body)
+        sampling, stops = server.sampling(body), body.stops()
+        prompts = await run_in_threadpool(_prompt_ids, tokenizer, body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default for completions
-        sampling, stops = server.sampling(body), server.stops(body)
         reqs = [GenerationRequest(ids, server.budget(ids, max_tokens, "max_tokens", "prompt"), sampling, n, stops,
                                   adapter) for ids in prompts]
         run = _Run(engine)
@@ -334,31 +324,25 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
                    for i, (t, r) in enumerate(zip(texts, reasons))]
         return {**head, "choices": choices, "usage": run.usage()}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, max_body_size=limit)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         adapter = server.resolve_model(body.model)
         if body.logprobs:
             raise APIError(400, "logprobs is not supported by this server", param="logprobs")
+        n = server.choices_per_prompt(body)
         plan = ChatPlan([{**m.model_dump(exclude_none=True), "content": _message_text(m) or ""}
-                         for m in body.messages], stop=server.stops(body))
+                         for m in body.messages], stop=body.stops())
         for ext in server.extensions:
             plan = await run_in_threadpool(ext.prepare_chat, body, plan) or plan
         if body.tools and not server.extensions:
             raise APIError(400, "this server has no tool-call support (no extension loaded)", param="tools")
         if plan.prompt_ids is None:
-            if not tokenizer.chat_template:
-                raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions",
-                               param="messages")
-            try:
-                plan.prompt_ids = tokenizer.encode_chat(plan.messages)
-            except LLMLabError as e:
-                raise APIError(400, str(e), param="messages") from e
-        n = server.choices_per_prompt(body)
+            plan.prompt_ids = await run_in_threadpool(_chat_ids, tokenizer, plan.messages)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         max_tokens = server.budget(plan.prompt_ids, limit, param, "messages")
         req = GenerationRequest(plan.prompt_ids, max_tokens, server.sampling(body), n, plan.stop, adapter,
-                                plan.logits_processor)
+                                plan.logits_processor_factory)
         run = _Run(engine)
         run.submit(req, 0)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -376,6 +360,16 @@ def create_app(engine: Engine, tokenizer: Tokenizer, model_name: str, api_key: s
         return {**head, "choices": choices, "usage": run.usage()}
 
     return app
+
+
+def _chat_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+    """The prompt of a chat request: its messages through the chat template (message text stays text)."""
+    if not tokenizer.chat_template:
+        raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", param="messages")
+    try:
+        return tokenizer.encode_chat(messages)
+    except LLMLabError as e:
+        raise APIError(400, str(e), param="messages") from e
 
 
 def _prompt_ids(tokenizer: Tokenizer, prompt: Any) -> list[list[int]]:
@@ -411,7 +405,7 @@ async def _collect(run: _Run, request: Request, count: int) -> tuple[list[str], 
     return ["".join(t) for t in texts], reasons
 
 
-def _wants_usage(body: _Sampling) -> bool:
+def _wants_usage(body: SamplingRequest) -> bool:
     return bool((body.stream_options or {}).get("include_usage"))
 
 
@@ -436,7 +430,7 @@ async def _guarded(run: _Run, chunks: AsyncIterator[str]) -> AsyncIterator[str]:
             run.cancel()
 
 
-def _stream(run: _Run, head: dict[str, Any], body: _Sampling,
+def _stream(run: _Run, head: dict[str, Any], body: SamplingRequest,
             choice: Callable[[Event], dict[str, Any]]) -> StreamingResponse:
     async def chunks() -> AsyncIterator[str]:
         async for ev in run.events():
@@ -465,6 +459,9 @@ def _stream_chat(run: _Run, head: dict[str, Any], body: ChatCompletionRequest, n
                 held[ev.index].append(ev.text)
                 if ev.kind == "finish":
                     fields, override = plan.finish("".join(held[ev.index]))
+                    if fields.get("tool_calls"):  # a streamed call carries its position (OpenAI's delta format)
+                        calls = [{"index": j, **c} for j, c in enumerate(fields["tool_calls"])]
+                        fields = {**fields, "tool_calls": calls}
                     yield chunk(ev.index, {"content": "".join(held[ev.index]), **fields})
                     yield chunk(ev.index, {}, override or reason)
                 continue

@@ -15,14 +15,14 @@ is in the batch), its stop strings (`llmlab.generate.TextStream`), its LoRA adap
 adapter inside one forward), and a `sink` that receives its events from the engine thread. The waiting queue is
 bounded (`QueueFull` when full); `cancel` (a client went away) frees a request's rows before the next step.
 
-Hook for constrained decoding (tool calls, JSON schemas): a request may carry
-`logits_processor(generated_ids: list[int], logits: Tensor) -> Tensor`. Before each token of each choice is picked,
-the engine calls it with the token ids that choice generated so far (prompt excluded) and that row's fp32 logits
-(V,), and samples from what it returns (set disallowed tokens to -inf; keep at least one finite). It runs on the
-engine thread inside `torch.inference_mode()`, once per choice per step, so it should be quick and must not block.
-One callable serves all `n` choices of a request, so derive any state from `generated_ids` (e.g. replay them
-through a grammar's automaton, or cache by `tuple(generated_ids)`). An exception in it fails that request alone
-(an "error" event); the others go on. The API layer passes it through from a chat extension (`llmlab.serve.api`).
+Hook for constrained decoding (tool calls, JSON schemas): a request may carry `logits_processor_factory`, which the
+engine calls once per choice for that choice's own `logits_processor(generated_ids: list[int], logits: Tensor) ->
+Tensor` (a grammar's parser state belongs to one sequence: `n` choices need `n` parsers). Before each token of a
+choice is picked, the engine calls its processor with the token ids that choice generated so far (prompt excluded)
+and that row's fp32 logits (V,), and samples from what it returns (set disallowed tokens to -inf; keep at least one
+finite). It runs on the engine thread inside `torch.inference_mode()`, once per choice per step, so it should be
+quick and must not block. An exception in the factory or the processor fails that request alone (an "error"
+event); the others go on. The API layer passes it through from a chat extension (`llmlab.serve.api`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class GenerationRequest:
     n: int = 1
     stop: Sequence[str] = ()
     adapter: str | None = None
-    logits_processor: LogitsProcessor | None = None
+    logits_processor_factory: Callable[[], LogitsProcessor] | None = None  # called once per choice
     sink: Callable[[Event], None] | None = None
     # set by the engine
     id: int = 0
@@ -96,13 +96,14 @@ class GenerationRequest:
 class _Row:
     """One choice of one request: a row of the running batch (and of the KV cache)."""
 
-    __slots__ = ("req", "index", "pos", "last", "ids", "text", "done")
+    __slots__ = ("req", "index", "pos", "last", "ids", "text", "done", "processor")
 
     def __init__(self, req: GenerationRequest, index: int, pos: int, text: TextStream) -> None:
         self.req, self.index, self.pos, self.text = req, index, pos, text
         self.last = 0  # the token fed at slot `pos` next step
         self.ids: list[int] = []
         self.done = False
+        self.processor: LogitsProcessor | None = None  # this choice's own, from the request's factory
 
 
 class Engine:
@@ -356,8 +357,11 @@ class Engine:
         self._accept(rows, picked)
 
     def _sample(self, req: GenerationRequest, rows: list[_Row], logits: Tensor) -> list[int]:
-        if req.logits_processor is not None:
-            logits = torch.stack([req.logits_processor(list(r.ids), logits[i]) for i, r in enumerate(rows)])
+        if req.logits_processor_factory is not None:
+            for r in rows:
+                if r.processor is None:
+                    r.processor = req.logits_processor_factory()
+            logits = torch.stack([r.processor(list(r.ids), logits[i]) for i, r in enumerate(rows)])
         return sample(logits, req.sampling, req.generator).view(-1).tolist()
 
     def _accept(self, rows: list[_Row], tokens: list[int]) -> None:
