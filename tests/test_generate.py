@@ -106,6 +106,13 @@ def test_temperature_zero_is_deterministic_and_a_seed_reproduces_a_sample():
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
 
 
+def test_a_vanishing_temperature_decodes_greedily():
+    # dividing the logits by 1e-320 overflows them to inf/nan; such a temperature means the argmax anyway
+    model = tiny_model()
+    assert SamplingParams(temperature=1e-320).greedy and not SamplingParams(temperature=0.01).greedy
+    assert run(model, [[3, 4]], 10, sampling=SamplingParams(temperature=1e-320, seed=0)) == run(model, [[3, 4]], 10)
+
+
 def test_top_k_one_samples_the_argmax():
     model = tiny_model()
     assert run(model, [[3, 4]], 10, sampling=SamplingParams(temperature=2.0, top_k=1, seed=0)) == run(model, [[3, 4]],

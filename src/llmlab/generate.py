@@ -26,14 +26,17 @@ from llmlab.errors import LLMLabError
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
 
-
 # -- sampling ----------------------------------------------------------------------------------------
+GREEDY_BELOW = 1e-5  # temperatures this small decode greedily
+
+
 @dataclass
 class SamplingParams:
     """How the next token is picked from the logits.
 
-    temperature 0 is greedy decoding (argmax); otherwise the logits are divided by the temperature, filtered by
-    top-k and top-p (in that order, as HF does) and sampled. repetition_penalty 1.0 is off. `seed` fixes the
+    temperature 0 is greedy decoding (argmax), and so is any temperature below GREEDY_BELOW (sampling there is the
+    argmax anyway, and dividing the logits by, say, 1e-320 overflows them); otherwise the logits are divided by the
+    temperature, filtered by top-k and top-p (in that order, as HF does) and sampled. repetition_penalty 1.0 is off. `seed` fixes the
     sample through a private torch.Generator (None: a fresh random seed), so no global RNG state is touched.
     """
 
@@ -55,7 +58,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @classmethod
     def from_generation_config(cls, gen_config: dict[str, Any], **overrides: Any) -> SamplingParams:

@@ -67,7 +67,6 @@ __all__ = ["APIError", "ChatCompletionRequest", "ChatExtension", "ChatPlan", "Co
            "create_app"]
 
 STATIC = Path(__file__).parent / "static"
-GREEDY_BELOW = 1e-5  # a temperature this small samples the argmax anyway, and dividing by 1e-320 overflows
 MIN_BODY_BYTES = 1 << 20  # the default body limit: 1 MiB, or 16 bytes per token of context if that is more
 
 
@@ -159,7 +158,7 @@ class Server:
 
     def sampling(self, body: SamplingRequest) -> SamplingParams:
         temperature = 1.0 if body.temperature is None else body.temperature
-        return SamplingParams(temperature=0.0 if temperature < GREEDY_BELOW else temperature,
+        return SamplingParams(temperature=temperature,  # below generate.GREEDY_BELOW it decodes greedily
                               top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed)
 
     def choices_per_prompt(self, body: SamplingRequest) -> int:
