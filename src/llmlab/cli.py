@@ -400,6 +400,35 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
 COMMANDS += [finetune, merge]
 
 
+def export(checkpoint: Path, *, gguf: Path, type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16",
+           adapter: Path | None = None) -> Path:
+    """Write a checkpoint (or a LoRA adapter trained on it) as a GGUF file for llama.cpp, Ollama and LM Studio.
+
+    The tokenizer, chat template and special-token ids go into the metadata, with a pre-tokenizer name llama.cpp
+    knows that splits text exactly as the tokenizer does (a tokenizer that matches none is refused). `llmlab
+    convert OUT.gguf DIR` reads the file back. See docs/export.md.
+
+    Args:
+        checkpoint: HF-format checkpoint folder (with --adapter: the base model the adapter was trained on).
+        gguf: The .gguf file to write (replaced atomically if it exists).
+        type: Weight type: f32, f16, bf16, or q8_0 / q4_0 (quantized by the gguf package; norms stay f32, q4_0
+            keeps the embedding and output at q8_0). Adapters: f32, f16 or bf16.
+        adapter: A PEFT LoRA adapter folder (RUN_DIR/final of `llmlab finetune --method lora`): write it as a
+            llama.cpp LoRA adapter GGUF (`llama-cli -m BASE.gguf --lora OUT.gguf`) instead of the model.
+    """
+    from llmlab.gguf_export import export_gguf, export_lora_gguf
+
+    if adapter is not None:
+        path = export_lora_gguf(checkpoint, adapter, gguf, type)
+    else:
+        path = export_gguf(checkpoint, gguf, type)
+    print(f"saved {path}")
+    return path
+
+
+COMMANDS += [export]
+
+
 def distill(*, teacher: Path, data: Path, out: Path, student: str | None = None, student_layers: str | None = None,
             kd: DistillConfig = DistillConfig(), train: TrainConfig = TrainConfig(), val_data: Path | None = None,
             val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
