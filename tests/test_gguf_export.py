@@ -165,6 +165,9 @@ def test_a_pre_tokenizer_llama_cpp_does_not_know_is_refused(ckpt: Path, tmp_path
         pre_tokenizer_name(_spec({"type": "Sequence", "pretokenizers": [{"type": "Digits"}, BYTES_ONLY]}), "t")
     with pytest.raises(LLMLabError, match="no ByteLevel step"):
         pre_tokenizer_name(_spec(split(PRE_TOKENIZER_NAMES["qwen2"][0][0])), "t")
+    after = {"type": "Sequence", "pretokenizers": [BYTE_LEVEL, {"type": "Digits", "individual_digits": True}]}
+    with pytest.raises(LLMLabError, match="splits after its ByteLevel step"):
+        pre_tokenizer_name(_spec(after), "t")
     with pytest.raises(LLMLabError, match="pre-tokenizer type 'Metaspace' has no llama.cpp equivalent"):
         pre_tokenizer_name(_spec({"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first"}), "t")
     # through the exporter: a tokenizer with a pattern of its own is refused and the old file stays

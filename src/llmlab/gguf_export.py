@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,9 @@ def pre_tokenizer_splits(pre: dict[str, Any] | None, source: str) -> tuple[tuple
         byte_level = False
         for step in pre.get("pretokenizers", []):
             more, is_byte_level = pre_tokenizer_splits(step, source)
+            if byte_level and more:
+                raise LLMLabError(f"{source}: the pre-tokenizer splits after its ByteLevel step (on byte symbols), "
+                                  "which llama.cpp never does")
             splits, byte_level = splits + more, byte_level or is_byte_level
         return splits, byte_level
     if kind == "ByteLevel":
@@ -79,8 +83,6 @@ def pre_tokenizer_splits(pre: dict[str, Any] | None, source: str) -> tuple[tuple
         pattern = pre.get("pattern", {})
         regex = pattern.get("Regex")
         if regex is None:
-            import re
-
             regex = re.escape(pattern.get("String", ""))
         if str(pre.get("behavior", "")).lower() != "isolated" or pre.get("invert"):
             raise LLMLabError(f"{source}: a Split pre-tokenizer with behavior {pre.get('behavior')!r} and "
