@@ -180,10 +180,10 @@ def test_a_pre_tokenizer_llama_cpp_does_not_know_is_refused(ckpt: Path, tmp_path
     (folder / "tokenizer.json").unlink()
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     out = tmp_path / "odd.gguf"
-    out.write_bytes(b"previous")
+    out.write_bytes(b"GGUF: an earlier export")
     with pytest.raises(LLMLabError, match="tokenizer.json: no pre-tokenizer llama.cpp knows"):
         export_gguf(folder, out, "f16")
-    assert out.read_bytes() == b"previous" and list(tmp_path.glob(".odd.gguf*")) == []
+    assert out.read_bytes() == b"GGUF: an earlier export" and list(tmp_path.glob(".odd.gguf*")) == []
 
 
 # -- LoRA adapters --------------------------------------------------------------------------------------
@@ -260,6 +260,15 @@ def test_cli_export_model_and_adapter(ckpt: Path, tmp_path: Path, capsys: pytest
                  "--type", "q8_0"]) == 2
     assert capsys.readouterr().err.startswith("llmlab: error: --type 'q8_0': LoRA adapters are exported as")
     assert not (tmp_path / "x.gguf").exists()
+    # an earlier export is replaced; another kind of file only with --overwrite true; a folder never
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", str(ckpt), "--gguf", str(tmp_path / "notes.txt")]) == 2
+    assert "notes.txt exists and is not a GGUF file" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert main(["export", str(ckpt), "--gguf", str(tmp_path / "notes.txt"), "--overwrite", "true"]) == 0
+    assert main(["export", str(ckpt), "--gguf", str(tmp_path / "notes.txt"), "--type", "f32"]) == 0  # now a GGUF
+    assert main(["export", str(ckpt), "--gguf", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 # -- the default model, and llama.cpp itself ----------------------------------------------------------------

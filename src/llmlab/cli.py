@@ -401,7 +401,7 @@ COMMANDS += [finetune, merge]
 
 
 def export(checkpoint: Path, *, gguf: Path, type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16",
-           adapter: Path | None = None) -> Path:
+           adapter: Path | None = None, overwrite: bool = False) -> Path:
     """Write a checkpoint (or a LoRA adapter trained on it) as a GGUF file for llama.cpp, Ollama and LM Studio.
 
     The tokenizer, chat template and special-token ids go into the metadata, with a pre-tokenizer name llama.cpp
@@ -410,18 +410,19 @@ def export(checkpoint: Path, *, gguf: Path, type: Literal["f32", "f16", "bf16", 
 
     Args:
         checkpoint: HF-format checkpoint folder (with --adapter: the base model the adapter was trained on).
-        gguf: The .gguf file to write (replaced atomically if it exists).
+        gguf: The .gguf file to write (atomically; an existing GGUF is replaced, another file only with --overwrite).
         type: Weight type: f32, f16, bf16, or q8_0 / q4_0 (quantized by the gguf package; norms stay f32, q4_0
             keeps the embedding and output at q8_0). Adapters: f32, f16 or bf16.
         adapter: A PEFT LoRA adapter folder (RUN_DIR/final of `llmlab finetune --method lora`): write it as a
             llama.cpp LoRA adapter GGUF (`llama-cli -m BASE.gguf --lora OUT.gguf`) instead of the model.
+        overwrite: Replace --gguf even when it is not a GGUF file (an earlier GGUF is replaced anyway).
     """
     from llmlab.gguf_export import export_gguf, export_lora_gguf
 
     if adapter is not None:
-        path = export_lora_gguf(checkpoint, adapter, gguf, type)
+        path = export_lora_gguf(checkpoint, adapter, gguf, type, overwrite)
     else:
-        path = export_gguf(checkpoint, gguf, type)
+        path = export_gguf(checkpoint, gguf, type, overwrite)
     print(f"saved {path}")
     return path
 

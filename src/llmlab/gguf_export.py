@@ -173,12 +173,27 @@ def _encode(t: Tensor, kind: str) -> np.ndarray:
     return quantize(t.float().contiguous().numpy(), _ggml_type(kind))
 
 
+def check_output_file(out: Path, overwrite: bool = False) -> None:
+    """Raise unless `out` may be written: nothing there, or a GGUF file (an earlier export); anything else only with
+    `overwrite` (an export never silently replaces a file of another kind, and never a folder)."""
+    if out.is_dir():
+        raise LLMLabError(f"--gguf {out} is a folder; give the path of the .gguf file to write")
+    if not out.exists() or overwrite:
+        return
+    with open(out, "rb") as f:
+        if f.read(4) == b"GGUF":
+            return
+    raise LLMLabError(f"--gguf {out} exists and is not a GGUF file; choose another path, or pass --overwrite true "
+                      "to replace it")
+
+
 class _Writer:
     """A GGUFWriter to a temporary sibling of `out` that replaces `out` only once the file is complete."""
 
-    def __init__(self, out: Path, arch: str = "llama") -> None:
+    def __init__(self, out: Path, overwrite: bool = False, arch: str = "llama") -> None:
         from gguf import GGUFWriter
 
+        check_output_file(Path(out), overwrite)
         self.out = Path(out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
@@ -276,14 +291,15 @@ def _check_type(export_type: str, allowed: tuple[str, ...], what: str) -> None:
         raise LLMLabError(f"--type {export_type!r}: {what} are exported as one of {', '.join(allowed)}")
 
 
-def export_gguf(checkpoint: str | Path, out: str | Path, export_type: str = "f16") -> Path:
+def export_gguf(checkpoint: str | Path, out: str | Path, export_type: str = "f16", overwrite: bool = False) -> Path:
     """Write an HF-format checkpoint folder as a llama GGUF file `out` (weights in `export_type`, tokenizer, chat
-    template and generation ids in the metadata), atomically."""
+    template and generation ids in the metadata), atomically; see `check_output_file` for what `out` may be."""
     from gguf import LlamaFileType
 
     from llmlab.checkpoint import load_config, load_safetensors
 
     _check_type(export_type, EXPORT_TYPES, "models")
+    check_output_file(Path(out), overwrite)  # before the slow part; checked again when writing
     checkpoint = Path(checkpoint)
     config = load_config(checkpoint)
     tokenizer = Tokenizer.from_folder(checkpoint)
@@ -301,7 +317,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, export_type: str = "f16
         elif ".attn_k." in name:
             t = permute_qk(t, config.num_key_value_heads)
         named.append((name, t))
-    writer = _Writer(Path(out))
+    writer = _Writer(Path(out), overwrite)
     try:
         w = writer.writer
         _model_metadata(w, config, checkpoint.resolve().name, int(LlamaFileType[_FILE_TYPES[export_type]]),
@@ -345,15 +361,17 @@ def lora_tensors(model: torch.nn.Module) -> tuple[dict[str, Tensor], float]:
     return out, alphas.pop()
 
 
-def export_lora_gguf(checkpoint: str | Path, adapter: str | Path, out: str | Path, export_type: str = "f32") -> Path:
+def export_lora_gguf(checkpoint: str | Path, adapter: str | Path, out: str | Path, export_type: str = "f32",
+                     overwrite: bool = False) -> Path:
     """Write the PEFT LoRA adapter folder `adapter` (trained on `checkpoint`) as a llama.cpp LoRA GGUF `out`."""
     from llmlab.checkpoint import load_checkpoint
     from llmlab.methods.lora import load_adapter
 
     _check_type(export_type, ADAPTER_TYPES, "LoRA adapters")
+    check_output_file(Path(out), overwrite)
     model = load_adapter(load_checkpoint(checkpoint), adapter)  # checks the adapter fits this base
     tensors, alpha = lora_tensors(model)
-    writer = _Writer(Path(out))
+    writer = _Writer(Path(out), overwrite)
     try:
         w = writer.writer
         w.add_type("adapter")
