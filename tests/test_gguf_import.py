@@ -17,8 +17,11 @@ from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.gguf_import import (
     config_from_gguf,
+    gguf_tensor_name,
+    hf_tensor_name,
     import_gguf,
     open_gguf,
+    permute_qk,
     read_gguf,
     tokenizer_from_gguf,
     unpermute_qk,
@@ -94,6 +97,17 @@ def test_unpermute_inverts_llamacpp_permutation(n_head, head_dim, cols):
     bias = torch.randn(n_head * head_dim)
     torch.testing.assert_close(unpermute_qk(torch.from_numpy(llamacpp_permute(bias.numpy(), n_head)), n_head), bias,
                                rtol=0, atol=0)
+    # the exporter's direction is the converter's permutation exactly
+    assert torch.equal(permute_qk(w, n_head), permuted)
+    assert torch.equal(permute_qk(bias, n_head), torch.from_numpy(llamacpp_permute(bias.numpy(), n_head)))
+
+
+def test_gguf_names_are_the_converters_both_ways(tiny):
+    _, model = tiny
+    for hf_name in model.state_dict():
+        assert gguf_tensor_name(hf_name) == gguf_name(hf_name)  # the test writer's own table
+        assert hf_tensor_name(gguf_tensor_name(hf_name)) == hf_name
+    assert gguf_tensor_name("model.layers.0.self_attn.rotary_emb.inv_freq") is None
 
 
 @pytest.mark.parametrize("tie", [False, True])

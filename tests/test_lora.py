@@ -185,3 +185,34 @@ def test_lora_run_resumes_exactly(ckpt: Path, tmp_path: Path) -> None:
     finetune(ckpt, data, tmp_path / "b", config=TrainConfig(**cfg), lora=lora)
     losses = [{r["step"]: r["loss"] for r in read_metrics(tmp_path / d) if r.get("loss") is not None} for d in "ab"]
     assert losses[1][6] == pytest.approx(losses[0][6], rel=1e-5)
+
+
+def test_adapter_finds_its_base_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    from llmlab.finetune import make_method
+    from llmlab.hub import record_hub_source
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    work = tmp_path / "work"
+    tiny_checkpoint(work / "base")
+    monkeypatch.chdir(work)  # training runs here and is given the base as the relative path `base`
+    model = lora_model(Path("base"))
+    make_method("lora", "base", lora=model.lora_config).save(model, Path("run") / "final")
+    recorded = json.loads((work / "run" / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert recorded == str((work / "base").resolve())
+    monkeypatch.chdir(tmp_path)  # anywhere else: PEFT still finds the base
+    peft = AutoPeftModelForCausalLM.from_pretrained(work / "run" / "final").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(peft(ids()).logits, model(ids()), atol=1e-5, rtol=0)
+    # a base downloaded from the hub is recorded by its repo id; the bottleneck adapters record the path too
+    record_hub_source(work / "base", "someone/tiny-llama")
+    make_method("lora", str(work / "base"), lora=model.lora_config).save(model, tmp_path / "hub")
+    assert json.loads((tmp_path / "hub" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "someone/tiny-llama"
+    (work / "base" / "llmlab_hub.json").unlink()
+    monkeypatch.chdir(work)
+    method = make_method("adapter", "base")
+    method.save(method.prepare(load_checkpoint("base")), tmp_path / "bottleneck")
+    assert json.loads((tmp_path / "bottleneck" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((work / "base").resolve())

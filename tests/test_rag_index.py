@@ -234,3 +234,65 @@ def test_cli_takes_several_paths(tmp_path, docs, monkeypatch, capsys):
 def test_progress_bar_goes_to_stderr(tmp_path, docs, embedder, capsys):
     build_index([docs], tmp_path / "idx", embedder=embedder, progress=True)
     assert "indexing" in capsys.readouterr().err
+
+
+# -- result diversity and `llmlab search` ----------------------------------------------------------------
+BLENDER_MANUAL = ("# Orion blender: quick start\n\n"
+                  "How long should the Orion blender run? Blend soups for one minute and smoothies for forty seconds.\n"
+                  "The Orion blender jug holds one and a half litres; fill it no higher than the top line.\n"
+                  "How long is the power cord? The Orion blender cord is one metre long.\n"
+                  "Clean the Orion blender jug with warm water after each use; the blades are sharp.\n"
+                  "If the Orion blender stops, let the motor cool for how long it takes to read this page.\n")
+QUESTION = "How long is the guarantee on the Orion blender?"
+WARRANTY = "Every Orion blender is covered by a warranty of two years from the date of purchase."
+
+
+@pytest.fixture
+def crowded(tmp_path, embedder):
+    """A long page whose chunks all share the question's words, next to the short page that answers it."""
+    root = tmp_path / "crowded"
+    root.mkdir()
+    (root / "blender-manual.md").write_text(BLENDER_MANUAL)
+    (root / "warranty.md").write_text(f"# Warranty\n\n{WARRANTY}\n")
+    (root / "toaster.md").write_text("# Vega toaster\n\nThe Vega toaster browns bread in two minutes.\n")
+    (root / "kettle.md").write_text("# Kettle\n\nThe kettle boils a litre of water in three minutes.\n")
+    build_index([root], tmp_path / "crowded-idx", embedder=embedder, chunk_tokens=30, overlap=5, progress=False)
+    return tmp_path / "crowded-idx"
+
+
+def test_search_takes_at_most_two_chunks_of_a_file_while_other_files_match(crowded, embedder):
+    index = open_index(crowded, embedder=embedder)
+    names = lambda hits: [Path(h.path).name for h in hits]  # noqa: E731
+    # ranked by score alone, three chunks of the manual fill the top 3 and the page with the answer is missed
+    assert names(index.search(QUESTION, 3, max_per_file=None)) == ["blender-manual.md"] * 3
+    hits = index.search(QUESTION, 3)
+    assert names(hits) == ["blender-manual.md", "blender-manual.md", "warranty.md"]
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert names(index.search(QUESTION, 3, max_per_file=1))[:2] == ["blender-manual.md", "warranty.md"]
+    with pytest.raises(LLMLabError, match="at most N passages per file: N must be at least 1, got 0"):
+        index.search(QUESTION, 3, max_per_file=0)
+
+
+def test_one_matching_file_still_gives_k_passages(tmp_path, embedder):
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "blender-manual.md").write_text(BLENDER_MANUAL)
+    build_index([tmp_path / "only"], tmp_path / "idx", embedder=embedder, chunk_tokens=30, overlap=5,
+                progress=False)
+    hits = open_index(tmp_path / "idx", embedder=embedder).search(QUESTION, 3)
+    assert len(hits) == 3 and len({h.chunk_id for h in hits}) == 3
+
+
+def test_cli_search_prints_file_lines_score_and_text(crowded, monkeypatch, capsys):
+    import llmlab.rag.index as index_module
+
+    monkeypatch.setattr(index_module, "Embedder", HashEmbedder)
+    assert main(["search", str(crowded), QUESTION, "-k", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    heads = [line for line in out if not line.startswith("    |")]
+    assert len(heads) == 3 and heads[2].startswith("3. ") and "warranty.md, lines 1-3  (score 0.0" in heads[2]
+    assert f"    | {WARRANTY}" in out
+    assert main(["search", str(crowded), QUESTION, "--k", "2", "--text", "false", "--max-per-file", "null"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and all("blender-manual.md, lines" in line for line in out)
+    assert main(["search", str(crowded.parent / "nope"), QUESTION]) == 2
+    assert "nope: no index here" in capsys.readouterr().err

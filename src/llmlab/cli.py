@@ -404,6 +404,36 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
 COMMANDS += [finetune, merge]
 
 
+def export(checkpoint: Path, *, gguf: Path, type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16",
+           adapter: Path | None = None, overwrite: bool = False) -> Path:
+    """Write a checkpoint (or a LoRA adapter trained on it) as a GGUF file for llama.cpp, Ollama and LM Studio.
+
+    The tokenizer, chat template and special-token ids go into the metadata, with a pre-tokenizer name llama.cpp
+    knows that splits text exactly as the tokenizer does (a tokenizer that matches none is refused). `llmlab
+    convert OUT.gguf DIR` reads the file back. See docs/export.md.
+
+    Args:
+        checkpoint: HF-format checkpoint folder (with --adapter: the base model the adapter was trained on).
+        gguf: The .gguf file to write (atomically; an existing GGUF is replaced, another file only with --overwrite).
+        type: Weight type: f32, f16, bf16, or q8_0 / q4_0 (quantized by the gguf package; norms stay f32, q4_0
+            keeps the embedding and output at q8_0). Adapters: f32, f16 or bf16.
+        adapter: A PEFT LoRA adapter folder (RUN_DIR/final of `llmlab finetune --method lora`): write it as a
+            llama.cpp LoRA adapter GGUF (`llama-cli -m BASE.gguf --lora OUT.gguf`) instead of the model.
+        overwrite: Replace --gguf even when it is not a GGUF file (an earlier GGUF is replaced anyway).
+    """
+    from llmlab.gguf_export import export_gguf, export_lora_gguf
+
+    if adapter is not None:
+        path = export_lora_gguf(checkpoint, adapter, gguf, type, overwrite)
+    else:
+        path = export_gguf(checkpoint, gguf, type, overwrite)
+    print(f"saved {path}")
+    return path
+
+
+COMMANDS += [export]
+
+
 def distill(*, teacher: Path, data: Path, out: Path, student: str | None = None, student_layers: str | None = None,
             kd: DistillConfig = DistillConfig(), train: TrainConfig = TrainConfig(), val_data: Path | None = None,
             val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
@@ -573,6 +603,35 @@ def index(paths: Path | list[Path], *, out: Path, chunk_tokens: int = 200, overl
 COMMANDS += [index]
 
 
+def search(index: Path, query: str, *, k: int = 5, max_per_file: int | None = 2, text: bool = True) -> None:
+    """Show what retrieval finds for a question: the passages `chat --index` and `serve --index` would use, best
+    first, each with its file, lines and fused score (and its text). See docs/copilot.md.
+
+    Args:
+        index: An index folder from `llmlab index`.
+        query: The question or keywords to look up.
+        k: Passages to show (`-k N`).
+        max_per_file: At most this many passages of one file while other files match (null: no limit).
+        text: Print each passage's text under its location.
+    """
+    from llmlab.rag.index import open_index
+
+    docs = open_index(index)
+    try:
+        hits = docs.search(query, k, max_per_file=max_per_file)
+    finally:
+        docs.close()
+    if not hits:
+        print(f"no passage in {index} matches {query!r}")
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank}. {hit.location}  (score {hit.score:.4f})")
+        if text:
+            print("\n".join(f"    | {line}".rstrip() for line in hit.text.splitlines()))
+
+
+COMMANDS += [search]
+
+
 def _index_paths(argv: list[str]) -> list[str]:
     """`llmlab index a b c --out X`: several positional paths become one JSON list (jsonargparse reads one value
     per positional). Every option of `index` takes a value, so a word after `--name` (no `=`) is that value."""
@@ -588,6 +647,15 @@ def _index_paths(argv: list[str]) -> list[str]:
         (options if arg.startswith("-") else paths).append(arg)
         i += 1
     return ["index", *([json.dumps(paths)] if len(paths) > 1 else paths), *options]
+
+
+_SHORT_OPTIONS = {"search": {"-k": "--k"}}  # one-letter options some commands accept
+
+
+def _short_options(argv: list[str]) -> list[str]:
+    """`llmlab search INDEX "question" -k 3`: a command's one-letter options become their long names."""
+    short = _SHORT_OPTIONS.get(argv[0], {}) if argv else {}
+    return [short.get(arg, arg) for arg in argv]
 
 
 def _underscore_options(argv: list[str]) -> list[str]:
@@ -622,7 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     from jsonargparse import CLI
 
     try:
-        args = _index_paths(_append_repeated(_underscore_options(sys.argv[1:] if argv is None else argv)))
+        args = _index_paths(_append_repeated(_underscore_options(_short_options(sys.argv[1:] if argv is None
+                                                                               else argv))))
         CLI(COMMANDS, args=args, as_positional=True,
             env_prefix="LLMLAB", default_env=False)
     except LLMLabError as e:

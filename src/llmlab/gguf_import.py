@@ -226,6 +226,27 @@ def hf_tensor_name(gguf_name: str) -> str | None:
     return None
 
 
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """llama.cpp name of an HF tensor name (`model.layers.3.self_attn.q_proj.weight` -> `blk.3.attn_q.weight`);
+    the inverse of `hf_tensor_name`, from the same tables."""
+    stem, _, leaf = hf_name.rpartition(".")
+    top = {hf: gg for gg, hf in _TOP_NAMES.items()}
+    if stem in top:
+        return f"{top[stem]}.{leaf}"
+    parts = stem.split(".", 3)
+    block = {hf: gg for gg, hf in _BLOCK_NAMES.items()}
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and parts[3] in block:
+        return f"blk.{parts[2]}.{block[parts[3]]}.{leaf}"
+    return None
+
+
+def permute_qk(w: Tensor, n_heads: int) -> Tensor:
+    """llama.cpp's q/k row order from HF's: within each head, rows (half t, pair index j) go to (j, t), so the
+    two members of a rotary pair sit next to each other. The inverse of `unpermute_qk`."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
     """Undo llama.cpp's q/k row order: it interleaves each head's two rotary halves; HF keeps them apart.
 

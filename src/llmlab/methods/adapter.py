@@ -26,6 +26,7 @@ from llmlab.methods.lora import (
     ADAPTER_WEIGHTS,
     PROBE_KEY,
     AddedModulesMethod,
+    base_model_reference,
     check_base,
     read_safetensors,
 )
@@ -90,7 +91,8 @@ def save_adapters(folder: str | Path, tensors: dict[str, Tensor], config: Bottle
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt", **({PROBE_KEY: probe} if probe else {})})
         write_json(tmp / ADAPTER_CONFIG, {"adapter_type": ADAPTER_TYPE, "library": "llmlab", "dim": config.dim,
-                                          "activation": config.activation, "base_model_name_or_path": base_model})
+                                          "activation": config.activation,
+                                          "base_model_name_or_path": base_model_reference(base_model)})
         if tokenizer is not None:
             tokenizer.save(tmp)
         if extra_files is not None:

@@ -252,9 +252,25 @@ def from_peft_names(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     return out
 
 
+def base_model_reference(base_model: str | Path | None) -> str | None:
+    """What an adapter records as `base_model_name_or_path`, so that it finds its base from any folder: the hub
+    repo id of a folder `llmlab download ORG/MODEL` fetched, else the folder's absolute, resolved path (a path
+    typed relative to where training ran means nothing elsewhere). A name that is no local folder is kept as
+    given (a hub id). The default model is an import of a quantized GGUF, not the hub's weights, so it is
+    recorded by its path."""
+    if base_model is None:
+        return None
+    folder = Path(base_model).expanduser()
+    if not folder.is_dir():
+        return str(base_model)
+    from llmlab.hub import hub_repo_id
+
+    return hub_repo_id(folder) or str(folder.resolve())
+
+
 def adapter_config_dict(config: LoRAConfig, base_model: str | None) -> dict[str, Any]:
     """adapter_config.json for PEFT's LoraConfig (the keys PEFT writes; the defaults it would fill in)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_reference(base_model),
             "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
             "target_modules": sorted(f"{t}_proj" for t in config.target_list()), "use_rslora": config.rslora,
             "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,

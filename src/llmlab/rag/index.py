@@ -177,13 +177,14 @@ class Index:
             self._embedder = Embedder()
         return self._embedder
 
-    def search(self, query: str, k: int = 5) -> list[Hit]:
-        """The k passages that best match `query` (hybrid: vector similarity + BM25 keywords, fused by rank)."""
+    def search(self, query: str, k: int = 5, max_per_file: int | None = 2) -> list[Hit]:
+        """The k passages that best match `query` (hybrid: vector similarity + BM25 keywords, fused by rank), at
+        most `max_per_file` of one file while other files match (None: no limit; see `Store.search`)."""
         if not query.strip():
             raise LLMLabError("the search query is empty")
         with self._lock:
             vector = self.embedder.encode([query])[0]
-            return self.store.search(query, vector, k)
+            return self.store.search(query, vector, k, max_per_file=max_per_file)
 
     def close(self) -> None:
         self.store.close()

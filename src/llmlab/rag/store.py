@@ -100,6 +100,26 @@ def _fts_query(text: str) -> str | None:
     return " OR ".join(f'"{w}"' for w in words) or None
 
 
+def diversify(hits: Sequence[Hit], k: int, max_per_file: int | None) -> list[Hit]:
+    """The best `k` of `hits` (best first) taking at most `max_per_file` from one file; when that leaves fewer
+    than k, the best of the skipped ones fill the rest (so one matching file still gives k passages). The result
+    keeps the score order."""
+    if max_per_file is None:
+        return list(hits[:k])
+    taken: dict[str, int] = {}
+    chosen: list[int] = []
+    for i, hit in enumerate(hits):
+        if taken.get(hit.path, 0) < max_per_file:
+            taken[hit.path] = taken.get(hit.path, 0) + 1
+            chosen.append(i)
+            if len(chosen) == k:
+                break
+    if len(chosen) < k:
+        skipped = sorted(set(range(len(hits))) - set(chosen))
+        chosen += skipped[:k - len(chosen)]
+    return [hits[i] for i in sorted(chosen)]
+
+
 class Store:
     """Open (or create, with `dim`) the index database at `path`."""
 
@@ -211,20 +231,29 @@ class Store:
                                  (query, n))
         return [r[0] for r in rows]
 
-    def search(self, text: str, vector: np.ndarray, k: int = 5, candidates: int | None = None) -> list[Hit]:
-        """Top-k chunks by reciprocal rank fusion of the vector and keyword rankings."""
+    def search(self, text: str, vector: np.ndarray, k: int = 5, candidates: int | None = None,
+               max_per_file: int | None = 2) -> list[Hit]:
+        """Top-k chunks by reciprocal rank fusion of the vector and keyword rankings, at most `max_per_file` of
+        them from one file while chunks of other files are among the candidates (None: no limit).
+
+        The limit is there because neighbouring chunks of one long page share most of their words and their
+        topic, so they rank together: without it, three chunks of a page next to the answer can push the page
+        that holds it out of the top 3."""
         if k < 1:
             raise LLMLabError(f"the number of passages to retrieve must be at least 1, got {k}")
+        if max_per_file is not None and max_per_file < 1:
+            raise LLMLabError(f"at most N passages per file: N must be at least 1, got {max_per_file}")
         n = candidates or max(4 * k, 20)
         scores: dict[int, float] = {}
         for ranking in (self.vector_ranking(vector, n), self.keyword_ranking(text, n)):
             for rank, cid in enumerate(ranking, 1):
                 scores[cid] = scores.get(cid, 0.0) + 1.0 / (RRF_K + rank)
-        best = sorted(scores, key=lambda c: -scores[c])[:k]
-        if not best:
+        ranked = sorted(scores, key=lambda c: -scores[c])
+        if not ranked:
             return []
-        marks = ",".join("?" * len(best))
+        marks = ",".join("?" * len(ranked))
         rows = self.conn.execute(f"SELECT c.id, f.path, c.page, c.line_start, c.line_end, c.text FROM chunks c "
-                                 f"JOIN files f ON f.id = c.file_id WHERE c.id IN ({marks})", best)
+                                 f"JOIN files f ON f.id = c.file_id WHERE c.id IN ({marks})", ranked)
         by_id = {r[0]: r for r in rows}
-        return [Hit(cid, *by_id[cid][1:], score=scores[cid]) for cid in best if cid in by_id]
+        hits = [Hit(cid, *by_id[cid][1:], score=scores[cid]) for cid in ranked if cid in by_id]
+        return diversify(hits, k, max_per_file)
