@@ -36,8 +36,9 @@ class SamplingParams:
 
     temperature 0 is greedy decoding (argmax), and so is any temperature below GREEDY_BELOW (sampling there is the
     argmax anyway, and dividing the logits by, say, 1e-320 overflows them); otherwise the logits are divided by the
-    temperature, filtered by top-k and top-p (in that order, as HF does) and sampled. repetition_penalty 1.0 is off. `seed` fixes the
-    sample through a private torch.Generator (None: a fresh random seed), so no global RNG state is touched.
+    temperature, filtered by top-k and top-p (in that order, as HF does) and sampled. repetition_penalty 1.0 is
+    off. `seed` fixes the sample through a private torch.Generator (None: a fresh random seed), so no global RNG
+    state is touched.
     """
 
     temperature: float = 0.0
