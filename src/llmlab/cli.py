@@ -15,6 +15,7 @@ from typing import Literal
 from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.distill_config import DistillConfig
 from llmlab.errors import LLMLabError
+from llmlab.pretrain import pretrain
 
 
 def download(name: str, out: Path | None = None, dtype: str = "float32") -> Path:
@@ -241,29 +242,6 @@ def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = No
     print(f"saved {path}: {meta['train_tokens']:,} train + {meta['val_tokens']:,} validation tokens, "
           f"vocabulary {meta['vocab_size']:,}")
     return path
-
-
-def pretrain(*, model: str, data: Path, out: Path, train: TrainConfig = TrainConfig(), resume: str = "auto",
-             arch: str = "llama") -> Path:
-    """Pretrain a model from random weights on a prepared data folder; RUN_DIR/final is an HF-format checkpoint
-    (with --arch lstm: an LSTM model folder, see llmlab.rnn).
-
-    Runs on one process, or data-parallel under torchrun (`torchrun --nproc_per_node N -m llmlab.cli pretrain
-    ... --train.strategy ddp|fsdp`). Metrics go to RUN_DIR/metrics.csv and RUN_DIR/tensorboard.
-
-    Args:
-        model: A preset name (e.g. micro-10m) or a model config file (YAML of ModelConfig fields, a `preset:`
-            key to start from a preset, or an HF config.json).
-        data: A data folder written by `llmlab prepare`.
-        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
-        train: Training options.
-        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
-        arch: llama (the transformer) or lstm (the recurrent baseline: --model takes an LSTM preset, lstm-10m or
-            lstm-tiny, or a YAML of LSTMConfig fields).
-    """
-    from llmlab.train import pretrain as _pretrain
-
-    return _pretrain(model, data, out, train, resume, arch=arch)
 
 
 def plot(run_dir: Path, out: Path | None = None) -> Path:
