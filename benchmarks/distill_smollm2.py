@@ -114,10 +114,9 @@ def main() -> int:
         print(f"{DATA}/gsm8k_train.jsonl not found: this benchmark needs the shared data folder", file=sys.stderr)
         return 1
 
-    from llmlab.args import TrainConfig
+    from llmlab.args import DistillConfig, TrainConfig
     from llmlab.checkpoint import load_checkpoint
     from llmlab.distill import distill, parse_layers, student_from_teacher
-    from llmlab.distill_config import DistillConfig
     from llmlab.tokenizer import Tokenizer
 
     torch.manual_seed(0)

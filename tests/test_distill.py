@@ -10,7 +10,7 @@ import torch
 from _corpus import make_text
 from _tiny import task_records, tiny_checkpoint, write_jsonl
 
-from llmlab.args import TrainConfig
+from llmlab.args import DistillConfig, TrainConfig
 from llmlab.checkpoint import load_checkpoint, load_safetensors, save_checkpoint
 from llmlab.cli import main
 from llmlab.config import ModelConfig
@@ -24,7 +24,6 @@ from llmlab.distill import (
     parse_layers,
     student_from_teacher,
 )
-from llmlab.distill_config import DistillConfig
 from llmlab.distill_losses import ForwardKL
 from llmlab.errors import LLMLabError
 from llmlab.instruct import InstructDataset

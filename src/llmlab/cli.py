@@ -12,8 +12,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
-from llmlab.distill_config import DistillConfig
+from llmlab.args import BottleneckConfig, DistillConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.errors import LLMLabError
 from llmlab.pretrain import pretrain
 

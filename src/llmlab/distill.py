@@ -33,9 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmlab.args import TrainConfig
+from llmlab.args import DistillConfig, TrainConfig
 from llmlab.config import ModelConfig
-from llmlab.distill_config import DistillConfig
 from llmlab.distill_losses import DistillLoss, TopK, make_divergence
 from llmlab.errors import LLMLabError
 from llmlab.methods.base import IGNORE_INDEX, model_inputs, state_dict_to_model
