@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from llmlab.args import BottleneckConfig, DistillConfig, FreezeConfig, LoRAConfig, TrainConfig
+from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
+from llmlab.distill import distill
 from llmlab.errors import LLMLabError
 from llmlab.pretrain import pretrain
 
@@ -379,39 +380,6 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
 
 
 COMMANDS += [finetune, merge]
-
-
-def distill(*, teacher: Path, data: Path, out: Path, student: str | None = None, student_layers: str | None = None,
-            kd: DistillConfig = DistillConfig(), train: TrainConfig = TrainConfig(), val_data: Path | None = None,
-            val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
-    """Distill a teacher checkpoint into a smaller student that learns the teacher's next-token distributions.
-
-    The loss is kd.alpha * T^2 * D(teacher, student) + (1 - kd.alpha) * cross-entropy on the labels, D one of
-    forward KL, reverse KL or generalized JSD at temperature T (formulas: `llmlab.distill_losses`). The teacher
-    runs frozen; RUN_DIR/final is the student as an HF-format model folder with the teacher's tokenizer.
-
-    Args:
-        teacher: HF-format checkpoint folder of the teacher (its tokenizer renders the data).
-        data: A data folder from `llmlab prepare` made with the teacher's tokenizer, or instruction data (JSONL/JSON
-            as for `llmlab finetune`; the loss falls on the responses only).
-        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/ (and the teacher cache, if any).
-        student: A preset name or model config file (random weights, the teacher's vocabulary), or a checkpoint
-            folder (its tokenizer must be the teacher's).
-        student_layers: Build the student from the teacher, keeping these blocks: ids like 0,2,4, every-other or
-            every-N; embeddings, final norm and head are copied.
-        kd: Distillation options (loss, temperature, alpha, top-k cache, on-policy batches, teacher dtype).
-        train: Training options.
-        val_data: With instruction data: a separate held-out file (instead of holding out --val-fraction).
-        val_fraction: With instruction data: share of the examples held out for the validation loss.
-        template: With instruction data: auto (the chat template if the tokenizer has one, else Alpaca), chat or
-            alpaca.
-        pack: With instruction data: pack several examples into each training sequence.
-        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
-    """
-    from llmlab.distill import distill as _distill
-
-    return _distill(teacher, data, out, student=student, student_layers=student_layers, config=train, kd=kd,
-                    val_data=val_data, val_fraction=val_fraction, template=template, pack=pack, resume=resume)
 
 
 COMMANDS += [distill]
