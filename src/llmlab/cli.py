@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Literal
 
-from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.distill import distill
 from llmlab.errors import LLMLabError
+from llmlab.finetune import finetune
 from llmlab.pretrain import pretrain
 
 
@@ -321,44 +320,6 @@ def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd:
 
 
 COMMANDS += [plan]
-
-
-def finetune(checkpoint: Path, *, data: Path, out: Path,
-             method: Literal["full", "freeze", "adapter", "lora", "qlora"] = "lora", lora: LoRAConfig = LoRAConfig(),
-             freeze: FreezeConfig = FreezeConfig(),
-             bottleneck: BottleneckConfig = BottleneckConfig(), train: TrainConfig = TrainConfig(),
-             val_data: Path | None = None,
-             val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
-    """Fine-tune a checkpoint on instruction data (loss on the responses only) through the training loop.
-
-    RUN_DIR/final is an HF-format model folder (full, freeze), a PEFT LoRA adapter folder (lora, qlora; use it
-    with `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`) or a bottleneck
-    adapter folder (adapter; use it with --adapter).
-
-    Args:
-        checkpoint: HF-format checkpoint folder to start from (its tokenizer renders the data).
-        data: Instruction data: JSONL or JSON list of Alpaca records (instruction, input, output), chat records
-            (messages with roles), Self-Instruct seed tasks (instruction, instances) or prompt/completion and
-            question/answer pairs.
-        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
-        method: full (every weight trains), freeze (only the top blocks train), adapter (bottleneck adapters after
-            attention and MLP), lora (low-rank updates W0 + (alpha/r) B A) or qlora (lora on a base whose block
-            weights are 4-bit NF4 via bitsandbytes); with adapter, lora and qlora the base model stays frozen.
-        lora: LoRA options (with --method lora or qlora).
-        freeze: Partial fine-tuning options (with --method freeze).
-        bottleneck: Bottleneck adapter options (with --method adapter).
-        train: Training options; train.seq_len is the longest example (longer ones are cut, and counted).
-        val_data: A separate held-out file (instead of holding out --val-fraction of --data).
-        val_fraction: Share of the examples held out for the validation loss.
-        template: auto (the tokenizer's chat template if it has one, else Alpaca), chat, or alpaca.
-        pack: Pack several examples into each training sequence (attention stays within each example).
-        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
-    """
-    from llmlab.finetune import finetune as _finetune
-
-    return _finetune(checkpoint, data, out, method=method, config=train, lora=lora, freeze=freeze,
-                     bottleneck=bottleneck, val_data=val_data,
-                     val_fraction=val_fraction, template=template, pack=pack, resume=resume)
 
 
 def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
