@@ -15,11 +15,12 @@ from llmlab.checkpoint import load_checkpoint, load_safetensors, save_checkpoint
 from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.data import prepare
-from llmlab.distill import distill, load_data
+from llmlab.distill import distill
 from llmlab.distill_losses import ForwardKL
 from llmlab.distill_method import (
     DistillMethod,
     check_same_tokenizer,
+    load_data,
     make_student,
     parse_layers,
     student_from_teacher,

@@ -3,24 +3,20 @@
 `distill` loads the teacher (an HF-format checkpoint) and its tokenizer, makes the student, reads the data (a
 prepared token corpus or instruction data, prompts masked as in fine-tuning), and runs `llmlab.train.train` with a
 `DistillMethod`. RUN_DIR/final is the student as an HF-format model folder with the teacher's tokenizer. The
-students, the teacher's top-k cache and the method are in `llmlab.distill_method`, the losses in
+students, the teacher's top-k cache, the method and the data are in `llmlab.distill_method`, the losses in
 `llmlab.distill_losses`.
 
 `distill` is both the library function and the command: its signature and docstring are the command's options and
-help (`llmlab.cli`), so this module imports torch only inside its functions.
+help (`llmlab.cli`), so this module imports torch only inside it.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from llmlab.args import DistillConfig, TrainConfig
 from llmlab.errors import LLMLabError
-
-if TYPE_CHECKING:
-    from llmlab.tokenizer import Tokenizer
 
 
 def distill(*, teacher: Path, data: Path, out: Path, student: str | None = None, student_layers: str | None = None,
@@ -52,7 +48,7 @@ def distill(*, teacher: Path, data: Path, out: Path, student: str | None = None,
     """
     # torch-heavy imports stay inside: llmlab.cli imports this module to build `llmlab --help` without torch
     from llmlab.checkpoint import load_checkpoint
-    from llmlab.distill_method import CACHE_FILE, DistillMethod, make_student
+    from llmlab.distill_method import CACHE_FILE, DistillMethod, load_data, make_student
     from llmlab.tokenizer import Tokenizer
     from llmlab.train import train as train_loop
 
@@ -78,21 +74,3 @@ def distill(*, teacher: Path, data: Path, out: Path, student: str | None = None,
         print(f"saved {result.final} (step {result.step})", file=sys.stderr)
     return Path(out)
 
-
-def load_data(data: str | Path, tokenizer: Tokenizer, cfg: TrainConfig, teacher_name: str,
-              val_data: str | Path | None = None, val_fraction: float = 0.1, template: str = "auto",
-              pack: bool = False) -> Any:
-    """A prepared token folder (`llmlab prepare`, tokenized by the teacher's tokenizer) or instruction data."""
-    from llmlab.data import TokenDataset
-    from llmlab.distill_method import check_same_tokenizer
-    from llmlab.instruct import InstructDataset
-
-    path = Path(data)
-    if path.is_dir():
-        dataset = TokenDataset(path, cfg.seq_len, cfg.seed)
-        check_same_tokenizer(tokenizer, dataset.tokenizer(), teacher_name, f"the data {path}")
-        return dataset
-    dataset = InstructDataset(path, tokenizer, cfg.seq_len, val_fraction=val_fraction, seed=cfg.seed, pack=pack,
-                              template=template, val_path=val_data)
-    print(f"llmlab: {path}: {dataset.stats.summary()}", file=sys.stderr)
-    return dataset

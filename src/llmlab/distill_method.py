@@ -1,6 +1,6 @@
-"""The parts of knowledge distillation: the student, the teacher's top-k cache, and `DistillMethod`, the training
-method whose loss is `llmlab.distill_losses.DistillLoss` between the student's logits and the frozen teacher's.
-`llmlab.distill` puts them together into the `distill` command.
+"""The parts of knowledge distillation: the student, the teacher's top-k cache, `DistillMethod` (the training
+method whose loss is `llmlab.distill_losses.DistillLoss` between the student's logits and the frozen teacher's)
+and the data; `llmlab.distill` puts them together into the `distill` command.
 
 The student is
 - random, from a preset or a model config file (it takes the teacher's vocabulary: it has none of its own);
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmlab.args import DistillConfig
+from llmlab.args import DistillConfig, TrainConfig
 from llmlab.config import ModelConfig
 from llmlab.distill_losses import DistillLoss, TopK, make_divergence
 from llmlab.errors import LLMLabError
@@ -410,3 +410,21 @@ class DistillMethod(Full):
         device = batch["input_ids"].device
         return {"input_ids": out_ids.to(device), "labels": out_labels.to(device)}
 
+
+# -- the data -------------------------------------------------------------------------------------------
+def load_data(data: str | Path, tokenizer: Tokenizer, cfg: TrainConfig, teacher_name: str,
+              val_data: str | Path | None = None, val_fraction: float = 0.1, template: str = "auto",
+              pack: bool = False) -> Any:
+    """A prepared token folder (`llmlab prepare`, tokenized by the teacher's tokenizer) or instruction data."""
+    from llmlab.data import TokenDataset
+    from llmlab.instruct import InstructDataset
+
+    path = Path(data)
+    if path.is_dir():
+        dataset = TokenDataset(path, cfg.seq_len, cfg.seed)
+        check_same_tokenizer(tokenizer, dataset.tokenizer(), teacher_name, f"the data {path}")
+        return dataset
+    dataset = InstructDataset(path, tokenizer, cfg.seq_len, val_fraction=val_fraction, seed=cfg.seed, pack=pack,
+                              template=template, val_path=val_data)
+    print(f"llmlab: {path}: {dataset.stats.summary()}", file=sys.stderr)
+    return dataset
