@@ -1,15 +1,33 @@
-"""`llmlab <command>`: one entry point; each subcommand is a typed function below.
+"""`llmlab <command>`: the one entry point. `COMMANDS` maps each command's name to the typed function that
+implements it; jsonargparse builds the parser from each function's signature and docstring, so `--help` documents
+every option and `--config file.yaml` (keys = option names) works for every command. The option groups
+(`--train.*`, `--lora.*`, `--kd.*`, ...) are the dataclasses of `llmlab.args`.
 
-jsonargparse builds the parser from each function's signature and docstring, so `--help` documents every
-option and `--config file.yaml` (keys = option names) works for every command. Heavy imports happen inside
-the commands, so `llmlab --help` stays fast.
+Each option is stated once: in the implementing function's signature. pretrain, finetune and distill are the
+library functions of `llmlab.pretrain`, `llmlab.finetune` and `llmlab.distill` themselves; the other commands,
+which only wire a library call to the terminal, are defined below.
+
+`llmlab X --help` must not load torch (importing it takes seconds), and jsonargparse needs every command's function
+object when it builds the parser, to list them all and read their signatures. Lazy references would not help: to
+read a signature it must import the function's module. So every module in the table is torch-free when imported:
+cli.py and the three command modules import torch-heavy code inside the command functions (the one reason those
+imports are local), and tests/test_cli.py checks that `--help` of every command leaves torch unloaded.
+
+`preparse` is the one step that rewrites argv before jsonargparse sees it (dashes in option names, bare bool
+flags, repeated `--adapter`, several `index` paths).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import is_dataclass
 from pathlib import Path
+from types import UnionType
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from jsonargparse import CLI
 
 from llmlab.distill import distill
 from llmlab.errors import LLMLabError
@@ -212,10 +230,6 @@ def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature:
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
 
 
-COMMANDS = [download, convert]
-COMMANDS += [generate, chat]
-
-
 def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = None,
             train_tokenizer: int | None = None, text_field: str = "text", val_fraction: float = 0.05,
             seed: int = 0, overwrite: bool = False) -> Path:
@@ -256,8 +270,6 @@ def plot(run_dir: Path, out: Path | None = None) -> Path:
     print(f"saved {path}")
     return path
 
-
-COMMANDS += [prepare, pretrain, plot]
 
 
 def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd: float | None = None,
@@ -319,8 +331,6 @@ def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd:
         print(f"saved {json}")
 
 
-COMMANDS += [plan]
-
 
 def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base checkpoint: an HF-format folder that needs no adapter (no extra latency).
@@ -340,10 +350,6 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
     return path
 
 
-COMMANDS += [finetune, merge]
-
-
-COMMANDS += [distill]
 
 
 def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None = None, limit: int | None = None,
@@ -384,8 +390,6 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
     print(f"saved {out / 'results.json'}", file=sys.stderr)
     return results
 
-
-COMMANDS += [evaluate]
 
 
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -447,8 +451,6 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         engine.close()
 
 
-COMMANDS += [serve]
-
 
 def index(paths: Path | list[Path], *, out: Path, chunk_tokens: int = 200, overlap: int = 40,
           progress: bool = True) -> None:
@@ -471,61 +473,91 @@ def index(paths: Path | list[Path], *, out: Path, chunk_tokens: int = 200, overl
     print(f"{out}: {stats.summary()}")
 
 
-COMMANDS += [index]
+# The commands, in the order `llmlab --help` lists them: name -> the function that implements it, whose signature
+# and docstring are the command's options and help. pretrain, finetune and distill live beside the code they run.
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "download": download,
+    "convert": convert,
+    "generate": generate,
+    "chat": chat,
+    "prepare": prepare,
+    "pretrain": pretrain,
+    "plot": plot,
+    "plan": plan,
+    "finetune": finetune,
+    "merge": merge,
+    "distill": distill,
+    "evaluate": evaluate,
+    "serve": serve,
+    "index": index,
+}
+
+_REPEATABLE = {"serve": ("--adapter",)}  # list options that a repeated flag extends instead of replacing
+_PATH_LISTS = ("index",)  # commands whose one positional takes several paths
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "null")  # what jsonargparse reads as a bool (or None)
 
 
-def _index_paths(argv: list[str]) -> list[str]:
-    """`llmlab index a b c --out X`: several positional paths become one JSON list (jsonargparse reads one value
-    per positional). Every option of `index` takes a value, so a word after `--name` (no `=`) is that value."""
-    if not argv or argv[0] != "index":
-        return argv
-    options, paths, i = [], [], 1
+def preparse(argv: list[str]) -> list[str]:
+    """The command line as typed -> the one jsonargparse parses; every rewrite of argv happens here.
+
+    - `--max-new-tokens` works as well as jsonargparse's `--max_new_tokens`: dashes in option names (before any
+      `=`) become underscores; values are untouched.
+    - A bool option given bare (`--overwrite`, `--pack`, `--train.compile`) means true; `--overwrite false` (or
+      `=false`) still works. Which options are bools is read from the command's signature and option groups.
+    - `serve --adapter A --adapter B` serves both: a repeated list option appends (jsonargparse's `--adapter+`)
+      instead of the last one silently winning.
+    - `index a b c --out X`: several positional paths become one JSON list (jsonargparse reads one value per
+      positional).
+    """
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    bools = _bool_options(COMMANDS[command]) if command else set()
+    repeatable = _REPEATABLE.get(command, ())
+    out, positionals, i = argv[:1] if command else [], [], 1 if command else 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("--") and "=" not in arg and arg not in ("--help", "--print_config") and i + 1 < len(argv):
-            options += [arg, argv[i + 1]]
-            i += 2
-            continue
-        (options if arg.startswith("-") else paths).append(arg)
         i += 1
-    return ["index", *([json.dumps(paths)] if len(paths) > 1 else paths), *options]
-
-
-def _underscore_options(argv: list[str]) -> list[str]:
-    """Accept `--max-new-tokens` as well as jsonargparse's `--max_new_tokens`: dashes in option names (the part
-    before any `=`) become underscores. Values are untouched (argparse reads a value starting with `--` as an
-    option anyway)."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and arg[2:3].isalpha():
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
-_REPEATABLE = {"serve": ("--adapter",)}  # list options that a repeated flag extends
-
-
-def _append_repeated(argv: list[str]) -> list[str]:
-    """`serve --adapter A --adapter B` serves both: a repeated list option appends (jsonargparse's `--adapter+`)
-    instead of the last one silently winning."""
-    names = _REPEATABLE.get(argv[0], ()) if argv else ()
-    out = []
-    for arg in argv:
+        if not (arg.startswith("--") and arg[2:3].isalpha()):
+            if not arg.startswith("-"):
+                positionals.append(len(out))
+            out.append(arg)
+            continue
         name, eq, value = arg.partition("=")
-        out.append(name + "+" + eq + value if name in names else arg)
+        name = "--" + name[2:].replace("-", "_")
+        if name in bools and not eq:
+            eq, value = "=", "true"
+            if i < len(argv) and argv[i].lower() in _BOOL_WORDS:
+                value, i = argv[i], i + 1
+        out.append(name + ("+" if name in repeatable else "") + eq + value)
+        if not eq and name not in ("--help", "--print_config") and i < len(argv):  # its value, never a positional
+            out.append(argv[i])
+            i += 1
+    if command in _PATH_LISTS and len(positionals) > 1:
+        paths = json.dumps([out[j] for j in positionals])
+        out = [command, paths, *(a for j, a in enumerate(out[1:], 1) if j not in positionals)]
     return out
+
+
+def _bool_options(command: Callable[..., Any]) -> set[str]:
+    """The bool options of a command (`--name`, and `--group.field` of its option dataclasses)."""
+    found = set()
+    for name, hint in get_type_hints(command).items():
+        if is_dataclass(hint):
+            found |= {f"--{name}.{field}" for field, h in get_type_hints(hint).items() if _is_bool(h)}
+        elif _is_bool(hint):
+            found.add(f"--{name}")
+    return found
+
+
+def _is_bool(hint: Any) -> bool:
+    """bool, or bool | None."""
+    return hint is bool or (get_origin(hint) in (Union, UnionType) and set(get_args(hint)) == {bool, type(None)})
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; bad input prints one line `llmlab: error: ...` and exits with status 2."""
-    from jsonargparse import CLI
-
     try:
-        args = _index_paths(_append_repeated(_underscore_options(sys.argv[1:] if argv is None else argv)))
-        CLI(COMMANDS, args=args, as_positional=True,
-            env_prefix="LLMLAB", default_env=False)
+        args = preparse(sys.argv[1:] if argv is None else argv)
+        CLI(COMMANDS, args=args, as_positional=True, env_prefix="LLMLAB", default_env=False)
     except LLMLabError as e:
         print(f"llmlab: error: {e}", file=sys.stderr)
         return 2
