@@ -3,14 +3,14 @@ implements it; jsonargparse builds the parser from each function's signature and
 every option and `--config file.yaml` (keys = option names) works for every command. The option groups
 (`--train.*`, `--lora.*`, `--kd.*`, ...) are the dataclasses of `llmlab.args`.
 
-Each option is stated once: in the implementing function's signature. pretrain, finetune and distill are the
-library functions of `llmlab.pretrain`, `llmlab.finetune` and `llmlab.distill` themselves; the other commands,
-which only wire a library call to the terminal, are defined below.
+pretrain, finetune and distill are the library functions of `llmlab.pretrain`, `llmlab.finetune` and
+`llmlab.distill` themselves, so their options are stated once, there; the other commands, which wire a library
+call to the terminal (loading, printing, output paths), are defined below.
 
 `llmlab X --help` must not load torch (importing it takes seconds), and jsonargparse needs every command's function
 object when it builds the parser, to list them all and read their signatures. Lazy references would not help: to
 read a signature it must import the function's module. So every module in the table is torch-free when imported:
-cli.py and the three command modules import torch-heavy code inside the command functions (the one reason those
+cli.py and the three command modules import torch-heavy code inside the command functions (that is why those
 imports are local), and tests/test_cli.py checks that `--help` of every command leaves torch unloaded.
 
 `preparse` is the one step that rewrites argv before jsonargparse sees it (dashes in option names, bare bool
@@ -271,7 +271,6 @@ def plot(run_dir: Path, out: Path | None = None) -> Path:
     return path
 
 
-
 def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd: float | None = None,
          model: str | None = None, tokens: float | None = None, gpu: str = "A100-80GB", n_gpus: int = 1,
          mfu: float | None = None, tokens_per_s: float | None = None, gpu_tflops: float | None = None,
@@ -331,7 +330,6 @@ def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd:
         print(f"saved {json}")
 
 
-
 def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base checkpoint: an HF-format folder that needs no adapter (no extra latency).
 
@@ -348,8 +346,6 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
     path = _merge(checkpoint, adapter, out, dtype, overwrite=overwrite)
     print(f"saved {path}")
     return path
-
-
 
 
 def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None = None, limit: int | None = None,
@@ -389,7 +385,6 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
     print(format_table(results))
     print(f"saved {out / 'results.json'}", file=sys.stderr)
     return results
-
 
 
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -449,7 +444,6 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.close()
-
 
 
 def index(paths: Path | list[Path], *, out: Path, chunk_tokens: int = 200, overlap: int = 40,
