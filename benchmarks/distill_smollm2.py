@@ -114,10 +114,10 @@ def main() -> int:
         print(f"{DATA}/gsm8k_train.jsonl not found: this benchmark needs the shared data folder", file=sys.stderr)
         return 1
 
-    from llmlab.args import TrainConfig
+    from llmlab.args import DistillConfig, TrainConfig
     from llmlab.checkpoint import load_checkpoint
-    from llmlab.distill import distill, parse_layers, student_from_teacher
-    from llmlab.distill_config import DistillConfig
+    from llmlab.distill import distill
+    from llmlab.distill_method import parse_layers, student_from_teacher
     from llmlab.tokenizer import Tokenizer
 
     torch.manual_seed(0)
@@ -139,7 +139,7 @@ def main() -> int:
                       eval_batches=1, save_every=0, log_every=1, seed=0)
     run = args.out / "run"
     t0 = time.perf_counter()
-    distill(args.ckpt, train_file, run, student_layers="every-other", config=cfg,
+    distill(teacher=args.ckpt, data=train_file, out=run, student_layers="every-other", train=cfg,
             kd=DistillConfig(loss=args.loss, alpha=args.alpha), val_fraction=0.02, pack=True, resume="no")
     wall = time.perf_counter() - t0
     rows_csv = (run / "metrics.csv").read_text().splitlines()

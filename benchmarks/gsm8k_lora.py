@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
                       batch_size=args.batch_size, seq_len=args.seq_len, weight_decay=0.0, eval_every=0,
                       eval_batches=2, save_every=0, log_every=1, seed=0)
     t1 = time.perf_counter()
-    finetune(args.ckpt, subset, args.out, method="lora", config=cfg, val_fraction=0.05, pack=True,
+    finetune(args.ckpt, data=subset, out=args.out, method="lora", train=cfg, val_fraction=0.05, pack=True,
              lora=LoRAConfig(r=16, alpha=32.0, targets="all"))
     t_train = time.perf_counter() - t1
     t2 = time.perf_counter()

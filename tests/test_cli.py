@@ -1,11 +1,18 @@
-"""The command line's output folders and errors: prepare, convert and merge replace only their own earlier output
-(anything else needs --overwrite, and never leaves a half-written folder); bad paths and options are one line."""
+"""The command line: every command's --help documents every option without loading torch; the one pre-parse step
+(dashes, bare bool flags, repeated options, several index paths); output folders and errors: prepare, convert and
+merge replace only their own earlier output (anything else needs --overwrite, and never leaves a half-written
+folder); bad paths and options are one line."""
 
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
+from dataclasses import is_dataclass
 from pathlib import Path
+from typing import Any, get_type_hints
 
+import docstring_parser
 import pytest
 import torch
 from _corpus import make_text
@@ -13,7 +20,7 @@ from _tiny import tiny_checkpoint
 
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
-from llmlab.cli import main
+from llmlab.cli import COMMANDS, main, preparse
 from llmlab.errors import LLMLabError
 from llmlab.methods import LoRA
 
@@ -136,3 +143,83 @@ def test_serve_port_out_of_range_is_one_line(inputs: dict[str, Path], capsys: py
     for port in ("99999", "-1"):
         assert main(["serve", str(inputs["ckpt"]), "--port", port]) == 2
         assert error_line(capsys) == f"llmlab: error: --port must be a TCP port from 1 to 65535, got {port}"
+
+
+# -- the command table and the pre-parse step ---------------------------------------------------------
+def documented_options(command: Any) -> dict[str, str]:
+    """Every option of a command (`name`, or `group.field` of an option dataclass) -> its docstring's help text."""
+    def params(obj: Any) -> dict[str, str]:
+        return {p.arg_name: p.description or "" for p in docstring_parser.parse(obj.__doc__ or "").params}
+
+    docs, found = params(command), {}
+    for name, hint in get_type_hints(command).items():
+        if name != "return":
+            found[name] = docs.get(name, "")
+            if is_dataclass(hint):
+                found |= {f"{name}.{field}": text for field, text in params(hint).items()}
+    return found
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_help_shows_every_option_with_its_help_text(name: str, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines (and words at hyphens); a group's
+    # help is its title, without the final period
+    options = documented_options(COMMANDS[name])
+    assert options
+    for option, text in options.items():
+        assert text, f"`llmlab {name}`: option {option} has no help text in its docstring"
+        assert option in shown and "".join(text.split()).rstrip(".") in shown, f"`llmlab {name} --help` lacks {option}"
+
+
+def test_help_of_every_command_leaves_torch_unloaded() -> None:
+    code = ("import contextlib, io, sys\n"
+            "from llmlab.cli import COMMANDS, main\n"
+            "for name in ['--help', *COMMANDS]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main([name, '--help'] if name in COMMANDS else [name])\n"
+            "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'torch')[:3])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_preparse_is_the_one_rewrite_of_argv() -> None:
+    # dashes in option names, not in values
+    assert preparse(["generate", "C", "--max-new-tokens", "3", "--prompt", "--a-b", "--system=x-y"]) == \
+        ["generate", "C", "--max_new_tokens", "3", "--prompt", "--a-b", "--system=x-y"]
+    # a bare bool option is true, in option groups too; an explicit value still works; bool | None too
+    assert preparse(["finetune", "C", "--pack", "--train.activation-checkpointing", "--lora.rslora", "false",
+                     "--data", "d", "--train.compile", "--out", "o"]) == \
+        ["finetune", "C", "--pack=true", "--train.activation_checkpointing=true", "--lora.rslora=false", "--data",
+         "d", "--train.compile=true", "--out", "o"]
+    assert preparse(["generate", "--chat", "C", "--compile", "No", "--prompt", "p"]) == \
+        ["generate", "--chat=true", "C", "--compile=No", "--prompt", "p"]
+    assert preparse(["prepare", "c.txt", "--overwrite=false", "--out", "o"]) == \
+        ["prepare", "c.txt", "--overwrite=false", "--out", "o"]
+    # a repeated list option appends
+    assert preparse(["serve", "C", "--adapter", "a=x", "--adapter=b=y"]) == \
+        ["serve", "C", "--adapter+", "a=x", "--adapter+=b=y"]
+    # several index paths are one JSON list; an option's value is not a path
+    assert preparse(["index", "a", "--out", "X", "b", "--progress"]) == \
+        ["index", '["a", "b"]', "--out", "X", "--progress=true"]
+    assert preparse(["index", "a", "--out", "X"]) == ["index", "a", "--out", "X"]
+    assert preparse(["--help"]) == ["--help"] and preparse([]) == []
+
+
+def test_bare_bool_flag_means_true(inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "notes.txt").write_text("x\n")
+    assert main([*command("prepare", inputs, out), "--overwrite", "false"]) == 2
+    assert (out / "notes.txt").is_file()
+    assert main([*command("prepare", inputs, out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists() and (out / "meta.json").is_file()
+    capsys.readouterr()
+    base = ["pretrain", "--model", "tiny", "--data", str(out), "--out", str(tmp_path / "run"), "--print_config"]
+    for extra, compiled in (([], False), (["--train.compile"], True), (["--train.compile", "false"], False)):
+        with pytest.raises(SystemExit):
+            main([*base[:-1], *extra, base[-1]])
+        assert f"compile: {str(compiled).lower()}" in capsys.readouterr().out

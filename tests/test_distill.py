@@ -10,22 +10,21 @@ import torch
 from _corpus import make_text
 from _tiny import task_records, tiny_checkpoint, write_jsonl
 
-from llmlab.args import TrainConfig
+from llmlab.args import DistillConfig, TrainConfig
 from llmlab.checkpoint import load_checkpoint, load_safetensors, save_checkpoint
 from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.data import prepare
-from llmlab.distill import (
+from llmlab.distill import distill
+from llmlab.distill_losses import ForwardKL
+from llmlab.distill_method import (
     DistillMethod,
     check_same_tokenizer,
-    distill,
     load_data,
     make_student,
     parse_layers,
     student_from_teacher,
 )
-from llmlab.distill_config import DistillConfig
-from llmlab.distill_losses import ForwardKL
 from llmlab.errors import LLMLabError
 from llmlab.instruct import InstructDataset
 from llmlab.methods import Full
@@ -272,8 +271,8 @@ def test_distillation_gets_closer_to_the_teacher_than_labels_alone(tmp_path: Pat
 @pytest.mark.slow
 def test_distill_resumes_exactly(teacher_ckpt: Path, instruct_file: Path, tmp_path: Path) -> None:
     def run(out: Path, **overrides: object) -> Path:
-        distill(teacher_ckpt, instruct_file, out, student_layers="0,3", config=small_config(**overrides),
-                kd=DistillConfig(loss="reverse_kl", top_k=8))
+        distill(teacher=teacher_ckpt, data=instruct_file, out=out, student_layers="0,3",
+                train=small_config(**overrides), kd=DistillConfig(loss="reverse_kl", top_k=8))
         return out / "final"
 
     whole = run(tmp_path / "whole")

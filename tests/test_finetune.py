@@ -73,7 +73,7 @@ def test_full_finetune_lowers_held_out_loss(setup: tuple[Path, Path], tmp_path: 
     ckpt, data = setup
     cfg = TrainConfig(lr=3e-3, max_steps=25, warmup_steps=2, batch_size=8, seq_len=64, eval_every=0,
                       eval_batches=2, save_every=0, log_every=5)
-    finetune(ckpt, data, tmp_path / "run", method="full", config=cfg, pack=True)
+    finetune(ckpt, data=data, out=tmp_path / "run", method="full", train=cfg, pack=True)
     vals = val_losses(tmp_path / "run")
     assert vals[-1] < vals[0] - 0.5, vals
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

@@ -179,10 +179,10 @@ def test_lora_run_resumes_exactly(ckpt: Path, tmp_path: Path) -> None:
     cfg = dict(lr=1e-2, max_steps=6, warmup_steps=1, batch_size=4, seq_len=64, eval_every=0, eval_batches=1,
                save_every=3, log_every=1)
     lora = LoRAConfig(r=4, targets="q,v,gate", dropout=0.1)
-    finetune(ckpt, data, tmp_path / "a", config=TrainConfig(**cfg), lora=lora)
-    finetune(ckpt, data, tmp_path / "b", config=TrainConfig(**cfg, stop_at=3), lora=lora)
+    finetune(ckpt, data=data, out=tmp_path / "a", train=TrainConfig(**cfg), lora=lora)
+    finetune(ckpt, data=data, out=tmp_path / "b", train=TrainConfig(**cfg, stop_at=3), lora=lora)
     assert (tmp_path / "b" / "checkpoints" / "step-000003" / "adapter_config.json").is_file()
-    finetune(ckpt, data, tmp_path / "b", config=TrainConfig(**cfg), lora=lora)
+    finetune(ckpt, data=data, out=tmp_path / "b", train=TrainConfig(**cfg), lora=lora)
     losses = [{r["step"]: r["loss"] for r in read_metrics(tmp_path / d) if r.get("loss") is not None} for d in "ab"]
     assert losses[1][6] == pytest.approx(losses[0][6], rel=1e-5)
 

@@ -80,9 +80,9 @@ def test_resume_of_an_adapter_run(setup: tuple[Path, Path], tmp_path: Path) -> N
     ckpt, data = setup
     cfg = dict(lr=1e-2, max_steps=6, warmup_steps=1, batch_size=4, seq_len=64, eval_every=0, eval_batches=1,
                save_every=3, log_every=1)
-    finetune(ckpt, data, tmp_path / "a", method="adapter", config=TrainConfig(**cfg))
-    finetune(ckpt, data, tmp_path / "b", method="adapter", config=TrainConfig(**cfg, stop_at=3))
-    finetune(ckpt, data, tmp_path / "b", method="adapter", config=TrainConfig(**cfg))
+    finetune(ckpt, data=data, out=tmp_path / "a", method="adapter", train=TrainConfig(**cfg))
+    finetune(ckpt, data=data, out=tmp_path / "b", method="adapter", train=TrainConfig(**cfg, stop_at=3))
+    finetune(ckpt, data=data, out=tmp_path / "b", method="adapter", train=TrainConfig(**cfg))
     loss = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "a") if r.get("loss") is not None}
     resumed = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "b") if r.get("loss") is not None}
     assert resumed[6] == pytest.approx(loss[6], rel=1e-5)

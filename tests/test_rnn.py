@@ -13,8 +13,9 @@ from llmlab.cli import main
 from llmlab.data import TokenDataset, prepare
 from llmlab.errors import LLMLabError
 from llmlab.metrics import read_metrics
+from llmlab.pretrain import pretrain
 from llmlab.rnn import FullLSTM, LSTMConfig, build_lstm, load_lstm, save_lstm
-from llmlab.train import TrainConfig, checkpoints, pretrain, train
+from llmlab.train import TrainConfig, checkpoints, train
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +115,7 @@ def test_bad_input_errors(data_dir: Path, tmp_path: Path, capsys: pytest.Capture
     assert main([*base, "--arch", "lstm", "--model", "lstm-huge"]) == 2
     assert "unknown LSTM preset 'lstm-huge'; known LSTM presets: lstm-10m, lstm-tiny" in capsys.readouterr().err
     with pytest.raises(LLMLabError, match=r"has \d+ tokens but model 'lstm-tiny' has vocab_size 256"):
-        pretrain("lstm-tiny", data_dir, tmp_path / "y", small_config(), arch="lstm")
+        pretrain(model="lstm-tiny", data=data_dir, out=tmp_path / "y", train=small_config(), arch="lstm")
 
     with pytest.raises(LLMLabError, match=r"unknown LSTM config keys \['num_hidden_layers'\]"):
         LSTMConfig.from_dict({"num_hidden_layers": 2})

@@ -22,7 +22,8 @@ from llmlab.errors import LLMLabError
 from llmlab.methods import Full
 from llmlab.metrics import read_metrics
 from llmlab.model import build_model
-from llmlab.train import TrainConfig, build_optimizer, checkpoints, lr_at, pretrain, setup_env, train
+from llmlab.pretrain import pretrain
+from llmlab.train import TrainConfig, build_optimizer, checkpoints, lr_at, setup_env, train
 
 
 @pytest.fixture(scope="module")
@@ -288,16 +289,16 @@ def test_foreign_checkpoints_on_resume(data_dir: Path, tmp_path: Path) -> None:
 def test_pretrain_errors(data_dir: Path, model_yaml: Path, tmp_path: Path) -> None:
     cfg = small_config(max_steps=1)
     with pytest.raises(LLMLabError, match="unknown model preset 'llama-9000'"):
-        pretrain("llama-9000", data_dir, tmp_path / "r", cfg)
+        pretrain(model="llama-9000", data=data_dir, out=tmp_path / "r", train=cfg)
     with pytest.raises(LLMLabError, match=r"tokenizer of .* has \d+ tokens but model 'tiny' has vocab_size 256"):
-        pretrain("tiny", data_dir, tmp_path / "r", cfg)
+        pretrain(model="tiny", data=data_dir, out=tmp_path / "r", train=cfg)
     n_val = TokenDataset(data_dir, 8).meta["val_tokens"]
     with pytest.raises(LLMLabError, match=f"the 'val' split has {n_val} tokens, shorter than one sequence"):
-        pretrain(model_yaml, data_dir, tmp_path / "r", small_config(seq_len=n_val))
+        pretrain(model=model_yaml, data=data_dir, out=tmp_path / "r", train=small_config(seq_len=n_val))
     with pytest.raises(LLMLabError, match="seq_len 200 exceeds model 'tiny' context of 128"):
-        pretrain(model_yaml, data_dir, tmp_path / "r", small_config(seq_len=200))
+        pretrain(model=model_yaml, data=data_dir, out=tmp_path / "r", train=small_config(seq_len=200))
     with pytest.raises(LLMLabError, match="training option 'batch_size' must be a positive integer"):
-        pretrain(model_yaml, data_dir, tmp_path / "r", small_config(batch_size=0))
+        pretrain(model=model_yaml, data=data_dir, out=tmp_path / "r", train=small_config(batch_size=0))
     assert not (tmp_path / "r").exists()
 
 

@@ -1,20 +1,38 @@
-"""`llmlab <command>`: one entry point; each subcommand is a typed function below.
+"""`llmlab <command>`: the one entry point. `COMMANDS` maps each command's name to the typed function that
+implements it; jsonargparse builds the parser from each function's signature and docstring, so `--help` documents
+every option and `--config file.yaml` (keys = option names) works for every command. The option groups
+(`--train.*`, `--lora.*`, `--kd.*`, ...) are the dataclasses of `llmlab.args`.
 
-jsonargparse builds the parser from each function's signature and docstring, so `--help` documents every
-option and `--config file.yaml` (keys = option names) works for every command. Heavy imports happen inside
-the commands, so `llmlab --help` stays fast.
+pretrain, finetune and distill are the library functions of `llmlab.pretrain`, `llmlab.finetune` and
+`llmlab.distill` themselves, so their options are stated once, there; the other commands, which wire a library
+call to the terminal (loading, printing, output paths), are defined below.
+
+`llmlab X --help` must not load torch (importing it takes seconds), and jsonargparse needs every command's function
+object when it builds the parser, to list them all and read their signatures. Lazy references would not help: to
+read a signature it must import the function's module. So every module in the table is torch-free when imported:
+cli.py and the three command modules import torch-heavy code inside the command functions (that is why those
+imports are local), and tests/test_cli.py checks that `--help` of every command leaves torch unloaded.
+
+`preparse` is the one step that rewrites argv before jsonargparse sees it (dashes in option names, bare bool
+flags, repeated `--adapter`, several `index` paths).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import is_dataclass
 from pathlib import Path
-from typing import Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
-from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
-from llmlab.distill_config import DistillConfig
+from jsonargparse import CLI
+
+from llmlab.distill import distill
 from llmlab.errors import LLMLabError
+from llmlab.finetune import finetune
+from llmlab.pretrain import pretrain
 
 
 def download(name: str, out: Path | None = None, dtype: str = "float32") -> Path:
@@ -212,10 +230,6 @@ def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature:
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
 
 
-COMMANDS = [download, convert]
-COMMANDS += [generate, chat]
-
-
 def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = None,
             train_tokenizer: int | None = None, text_field: str = "text", val_fraction: float = 0.05,
             seed: int = 0, overwrite: bool = False) -> Path:
@@ -243,29 +257,6 @@ def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = No
     return path
 
 
-def pretrain(*, model: str, data: Path, out: Path, train: TrainConfig = TrainConfig(), resume: str = "auto",
-             arch: str = "llama") -> Path:
-    """Pretrain a model from random weights on a prepared data folder; RUN_DIR/final is an HF-format checkpoint
-    (with --arch lstm: an LSTM model folder, see llmlab.rnn).
-
-    Runs on one process, or data-parallel under torchrun (`torchrun --nproc_per_node N -m llmlab.cli pretrain
-    ... --train.strategy ddp|fsdp`). Metrics go to RUN_DIR/metrics.csv and RUN_DIR/tensorboard.
-
-    Args:
-        model: A preset name (e.g. micro-10m) or a model config file (YAML of ModelConfig fields, a `preset:`
-            key to start from a preset, or an HF config.json).
-        data: A data folder written by `llmlab prepare`.
-        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
-        train: Training options.
-        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
-        arch: llama (the transformer) or lstm (the recurrent baseline: --model takes an LSTM preset, lstm-10m or
-            lstm-tiny, or a YAML of LSTMConfig fields).
-    """
-    from llmlab.train import pretrain as _pretrain
-
-    return _pretrain(model, data, out, train, resume, arch=arch)
-
-
 def plot(run_dir: Path, out: Path | None = None) -> Path:
     """Plot a training run's train/validation loss and learning rate to a PNG.
 
@@ -278,9 +269,6 @@ def plot(run_dir: Path, out: Path | None = None) -> Path:
     path = plot_run(run_dir, out)
     print(f"saved {path}")
     return path
-
-
-COMMANDS += [prepare, pretrain, plot]
 
 
 def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd: float | None = None,
@@ -342,47 +330,6 @@ def plan(gpu_hours: float | None = None, flops: float | None = None, budget_usd:
         print(f"saved {json}")
 
 
-COMMANDS += [plan]
-
-
-def finetune(checkpoint: Path, *, data: Path, out: Path,
-             method: Literal["full", "freeze", "adapter", "lora", "qlora"] = "lora", lora: LoRAConfig = LoRAConfig(),
-             freeze: FreezeConfig = FreezeConfig(),
-             bottleneck: BottleneckConfig = BottleneckConfig(), train: TrainConfig = TrainConfig(),
-             val_data: Path | None = None,
-             val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
-    """Fine-tune a checkpoint on instruction data (loss on the responses only) through the training loop.
-
-    RUN_DIR/final is an HF-format model folder (full, freeze), a PEFT LoRA adapter folder (lora, qlora; use it
-    with `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`) or a bottleneck
-    adapter folder (adapter; use it with --adapter).
-
-    Args:
-        checkpoint: HF-format checkpoint folder to start from (its tokenizer renders the data).
-        data: Instruction data: JSONL or JSON list of Alpaca records (instruction, input, output), chat records
-            (messages with roles), Self-Instruct seed tasks (instruction, instances) or prompt/completion and
-            question/answer pairs.
-        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
-        method: full (every weight trains), freeze (only the top blocks train), adapter (bottleneck adapters after
-            attention and MLP), lora (low-rank updates W0 + (alpha/r) B A) or qlora (lora on a base whose block
-            weights are 4-bit NF4 via bitsandbytes); with adapter, lora and qlora the base model stays frozen.
-        lora: LoRA options (with --method lora or qlora).
-        freeze: Partial fine-tuning options (with --method freeze).
-        bottleneck: Bottleneck adapter options (with --method adapter).
-        train: Training options; train.seq_len is the longest example (longer ones are cut, and counted).
-        val_data: A separate held-out file (instead of holding out --val-fraction of --data).
-        val_fraction: Share of the examples held out for the validation loss.
-        template: auto (the tokenizer's chat template if it has one, else Alpaca), chat, or alpaca.
-        pack: Pack several examples into each training sequence (attention stays within each example).
-        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
-    """
-    from llmlab.finetune import finetune as _finetune
-
-    return _finetune(checkpoint, data, out, method=method, config=train, lora=lora, freeze=freeze,
-                     bottleneck=bottleneck, val_data=val_data,
-                     val_fraction=val_fraction, template=template, pack=pack, resume=resume)
-
-
 def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = None, overwrite: bool = False) -> Path:
     """Fold a LoRA adapter into its base checkpoint: an HF-format folder that needs no adapter (no extra latency).
 
@@ -399,9 +346,6 @@ def merge(checkpoint: Path, adapter: Path, *, out: Path, dtype: str | None = Non
     path = _merge(checkpoint, adapter, out, dtype, overwrite=overwrite)
     print(f"saved {path}")
     return path
-
-
-COMMANDS += [finetune, merge]
 
 
 def export(checkpoint: Path, *, gguf: Path, type: Literal["f32", "f16", "bf16", "q8_0", "q4_0"] = "f16",
@@ -429,45 +373,6 @@ def export(checkpoint: Path, *, gguf: Path, type: Literal["f32", "f16", "bf16", 
         path = export_gguf(checkpoint, gguf, type, overwrite)
     print(f"saved {path}")
     return path
-
-
-COMMANDS += [export]
-
-
-def distill(*, teacher: Path, data: Path, out: Path, student: str | None = None, student_layers: str | None = None,
-            kd: DistillConfig = DistillConfig(), train: TrainConfig = TrainConfig(), val_data: Path | None = None,
-            val_fraction: float = 0.1, template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
-    """Distill a teacher checkpoint into a smaller student that learns the teacher's next-token distributions.
-
-    The loss is kd.alpha * T^2 * D(teacher, student) + (1 - kd.alpha) * cross-entropy on the labels, D one of
-    forward KL, reverse KL or generalized JSD at temperature T (formulas: `llmlab.distill_losses`). The teacher
-    runs frozen; RUN_DIR/final is the student as an HF-format model folder with the teacher's tokenizer.
-
-    Args:
-        teacher: HF-format checkpoint folder of the teacher (its tokenizer renders the data).
-        data: A data folder from `llmlab prepare` made with the teacher's tokenizer, or instruction data (JSONL/JSON
-            as for `llmlab finetune`; the loss falls on the responses only).
-        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/ (and the teacher cache, if any).
-        student: A preset name or model config file (random weights, the teacher's vocabulary), or a checkpoint
-            folder (its tokenizer must be the teacher's).
-        student_layers: Build the student from the teacher, keeping these blocks: ids like 0,2,4, every-other or
-            every-N; embeddings, final norm and head are copied.
-        kd: Distillation options (loss, temperature, alpha, top-k cache, on-policy batches, teacher dtype).
-        train: Training options.
-        val_data: With instruction data: a separate held-out file (instead of holding out --val-fraction).
-        val_fraction: With instruction data: share of the examples held out for the validation loss.
-        template: With instruction data: auto (the chat template if the tokenizer has one, else Alpaca), chat or
-            alpaca.
-        pack: With instruction data: pack several examples into each training sequence.
-        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
-    """
-    from llmlab.distill import distill as _distill
-
-    return _distill(teacher, data, out, student=student, student_layers=student_layers, config=train, kd=kd,
-                    val_data=val_data, val_fraction=val_fraction, template=template, pack=pack, resume=resume)
-
-
-COMMANDS += [distill]
 
 
 def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None = None, limit: int | None = None,
@@ -507,9 +412,6 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
     print(format_table(results))
     print(f"saved {out / 'results.json'}", file=sys.stderr)
     return results
-
-
-COMMANDS += [evaluate]
 
 
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
@@ -576,9 +478,6 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         engine.close()
 
 
-COMMANDS += [serve]
-
-
 def index(paths: Path | list[Path], *, out: Path, chunk_tokens: int = 200, overlap: int = 40,
           progress: bool = True) -> None:
     """Index text, Markdown and PDF files for grounded chat: chunks, offline embeddings and keywords in one SQLite
@@ -598,9 +497,6 @@ def index(paths: Path | list[Path], *, out: Path, chunk_tokens: int = 200, overl
     stats = build_index(paths if isinstance(paths, list) else [paths], out, chunk_tokens=chunk_tokens,
                         overlap=overlap, progress=progress)
     print(f"{out}: {stats.summary()}")
-
-
-COMMANDS += [index]
 
 
 def search(index: Path, query: str, *, k: int = 5, max_per_file: int | None = 2, text: bool = True) -> None:
@@ -629,71 +525,97 @@ def search(index: Path, query: str, *, k: int = 5, max_per_file: int | None = 2,
             print("\n".join(f"    | {line}".rstrip() for line in hit.text.splitlines()))
 
 
-COMMANDS += [search]
+# The commands, in the order `llmlab --help` lists them: name -> the function that implements it, whose signature
+# and docstring are the command's options and help. pretrain, finetune and distill live beside the code they run.
+COMMANDS: dict[str, Callable[..., Any]] = {
+    "download": download,
+    "convert": convert,
+    "generate": generate,
+    "chat": chat,
+    "prepare": prepare,
+    "pretrain": pretrain,
+    "plot": plot,
+    "plan": plan,
+    "finetune": finetune,
+    "merge": merge,
+    "export": export,
+    "distill": distill,
+    "evaluate": evaluate,
+    "serve": serve,
+    "index": index,
+    "search": search,
+}
+
+_REPEATABLE = {"serve": ("--adapter",)}  # list options that a repeated flag extends instead of replacing
+_SHORT_OPTIONS = {"search": {"-k": "--k"}}  # one-letter options some commands accept
+_PATH_LISTS = ("index",)  # commands whose one positional takes several paths
+_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "null")  # what jsonargparse reads as a bool (or None)
 
 
-def _index_paths(argv: list[str]) -> list[str]:
-    """`llmlab index a b c --out X`: several positional paths become one JSON list (jsonargparse reads one value
-    per positional). Every option of `index` takes a value, so a word after `--name` (no `=`) is that value."""
-    if not argv or argv[0] != "index":
-        return argv
-    options, paths, i = [], [], 1
+def preparse(argv: list[str]) -> list[str]:
+    """The command line as typed -> the one jsonargparse parses; every rewrite of argv happens here.
+
+    - `--max-new-tokens` works as well as jsonargparse's `--max_new_tokens`: dashes in option names (before any
+      `=`) become underscores; values are untouched.
+    - A bool option given bare (`--overwrite`, `--pack`, `--train.compile`) means true; `--overwrite false` (or
+      `=false`) still works. Which options are bools is read from the command's signature and option groups.
+    - `serve --adapter A --adapter B` serves both: a repeated list option appends (jsonargparse's `--adapter+`)
+      instead of the last one silently winning.
+    - `index a b c --out X`: several positional paths become one JSON list (jsonargparse reads one value per
+      positional).
+    - `search INDEX "question" -k 3`: a command's one-letter options become their long names.
+    """
+    command = argv[0] if argv and argv[0] in COMMANDS else None
+    if command in _SHORT_OPTIONS:
+        argv = [command, *(_SHORT_OPTIONS[command].get(arg, arg) for arg in argv[1:])]
+    bools = _bool_options(COMMANDS[command]) if command else set()
+    repeatable = _REPEATABLE.get(command, ())
+    out, positionals, i = argv[:1] if command else [], [], 1 if command else 0
     while i < len(argv):
         arg = argv[i]
-        if arg.startswith("--") and "=" not in arg and arg not in ("--help", "--print_config") and i + 1 < len(argv):
-            options += [arg, argv[i + 1]]
-            i += 2
-            continue
-        (options if arg.startswith("-") else paths).append(arg)
         i += 1
-    return ["index", *([json.dumps(paths)] if len(paths) > 1 else paths), *options]
-
-
-_SHORT_OPTIONS = {"search": {"-k": "--k"}}  # one-letter options some commands accept
-
-
-def _short_options(argv: list[str]) -> list[str]:
-    """`llmlab search INDEX "question" -k 3`: a command's one-letter options become their long names."""
-    short = _SHORT_OPTIONS.get(argv[0], {}) if argv else {}
-    return [short.get(arg, arg) for arg in argv]
-
-
-def _underscore_options(argv: list[str]) -> list[str]:
-    """Accept `--max-new-tokens` as well as jsonargparse's `--max_new_tokens`: dashes in option names (the part
-    before any `=`) become underscores. Values are untouched (argparse reads a value starting with `--` as an
-    option anyway)."""
-    out = []
-    for arg in argv:
-        if arg.startswith("--") and arg[2:3].isalpha():
-            name, eq, value = arg[2:].partition("=")
-            arg = "--" + name.replace("-", "_") + eq + value
-        out.append(arg)
-    return out
-
-
-_REPEATABLE = {"serve": ("--adapter",)}  # list options that a repeated flag extends
-
-
-def _append_repeated(argv: list[str]) -> list[str]:
-    """`serve --adapter A --adapter B` serves both: a repeated list option appends (jsonargparse's `--adapter+`)
-    instead of the last one silently winning."""
-    names = _REPEATABLE.get(argv[0], ()) if argv else ()
-    out = []
-    for arg in argv:
+        if not (arg.startswith("--") and arg[2:3].isalpha()):
+            if not arg.startswith("-"):
+                positionals.append(len(out))
+            out.append(arg)
+            continue
         name, eq, value = arg.partition("=")
-        out.append(name + "+" + eq + value if name in names else arg)
+        name = "--" + name[2:].replace("-", "_")
+        if name in bools and not eq:
+            eq, value = "=", "true"
+            if i < len(argv) and argv[i].lower() in _BOOL_WORDS:
+                value, i = argv[i], i + 1
+        out.append(name + ("+" if name in repeatable else "") + eq + value)
+        if not eq and name not in ("--help", "--print_config") and i < len(argv):  # its value, never a positional
+            out.append(argv[i])
+            i += 1
+    if command in _PATH_LISTS and len(positionals) > 1:
+        paths = json.dumps([out[j] for j in positionals])
+        out = [command, paths, *(a for j, a in enumerate(out[1:], 1) if j not in positionals)]
     return out
+
+
+def _bool_options(command: Callable[..., Any]) -> set[str]:
+    """The bool options of a command (`--name`, and `--group.field` of its option dataclasses)."""
+    found = set()
+    for name, hint in get_type_hints(command).items():
+        if is_dataclass(hint):
+            found |= {f"--{name}.{field}" for field, h in get_type_hints(hint).items() if _is_bool(h)}
+        elif _is_bool(hint):
+            found.add(f"--{name}")
+    return found
+
+
+def _is_bool(hint: Any) -> bool:
+    """bool, or bool | None."""
+    return hint is bool or (get_origin(hint) in (Union, UnionType) and set(get_args(hint)) == {bool, type(None)})
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; bad input prints one line `llmlab: error: ...` and exits with status 2."""
-    from jsonargparse import CLI
-
     try:
-        args = _index_paths(_append_repeated(_underscore_options(_short_options(sys.argv[1:] if argv is None
-                                                                               else argv))))
-        CLI(COMMANDS, args=args, as_positional=True,
-            env_prefix="LLMLAB", default_env=False)
+        args = preparse(sys.argv[1:] if argv is None else argv)
+        CLI(COMMANDS, args=args, as_positional=True, env_prefix="LLMLAB", default_env=False)
     except LLMLabError as e:
         print(f"llmlab: error: {e}", file=sys.stderr)
         return 2

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmlab.distill_config import LOSS_NAMES
+from llmlab.args import LOSS_NAMES
 from llmlab.errors import LLMLabError
 from llmlab.methods.base import IGNORE_INDEX, next_token_loss
 

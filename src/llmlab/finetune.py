@@ -4,13 +4,16 @@
 a method (`METHODS`), and run `llmlab.train.train`. RUN_DIR/final is what the method saves: a full model folder
 (full, freeze), an adapter folder (adapter) or a PEFT LoRA folder (lora, qlora). `merge` folds a LoRA adapter into
 its base checkpoint.
+
+`finetune` is both the library function and the command: its signature and docstring are the command's options and
+help (`llmlab.cli`), so this module imports torch only inside its functions.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.errors import LLMLabError
@@ -37,18 +40,43 @@ def make_method(name: str, base_model: str | None = None, lora: LoRAConfig | Non
     raise LLMLabError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
 
 
-def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, method: str = "lora",
-             config: TrainConfig | None = None, lora: LoRAConfig | None = None, freeze: FreezeConfig | None = None,
-             bottleneck: BottleneckConfig | None = None, val_data: str | Path | None = None,
-             val_fraction: float = 0.1, template: str = "auto", pack: bool = False,
-             resume: str | Path | None = "auto") -> Path:
-    """Fine-tune CHECKPOINT on instruction data into RUN_DIR; returns RUN_DIR (final/ when the run finished)."""
+def finetune(checkpoint: Path, *, data: Path, out: Path,
+             method: Literal["full", "freeze", "adapter", "lora", "qlora"] = "lora", lora: LoRAConfig = LoRAConfig(),
+             freeze: FreezeConfig = FreezeConfig(), bottleneck: BottleneckConfig = BottleneckConfig(),
+             train: TrainConfig = TrainConfig(), val_data: Path | None = None, val_fraction: float = 0.1,
+             template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
+    """Fine-tune a checkpoint on instruction data (loss on the responses only) through the training loop.
+
+    RUN_DIR/final is an HF-format model folder (full, freeze), a PEFT LoRA adapter folder (lora, qlora; use it
+    with `llmlab generate CKPT --adapter RUN_DIR/final` or fold it in with `llmlab merge`) or a bottleneck
+    adapter folder (adapter; use it with --adapter).
+
+    Args:
+        checkpoint: HF-format checkpoint folder to start from (its tokenizer renders the data).
+        data: Instruction data: JSONL or JSON list of Alpaca records (instruction, input, output), chat records
+            (messages with roles), Self-Instruct seed tasks (instruction, instances) or prompt/completion and
+            question/answer pairs.
+        out: The run folder: checkpoints/, final/, metrics.csv, tensorboard/.
+        method: full (every weight trains), freeze (only the top blocks train), adapter (bottleneck adapters after
+            attention and MLP), lora (low-rank updates W0 + (alpha/r) B A) or qlora (lora on a base whose block
+            weights are 4-bit NF4 via bitsandbytes); with adapter, lora and qlora the base model stays frozen.
+        lora: LoRA options (with --method lora or qlora).
+        freeze: Partial fine-tuning options (with --method freeze).
+        bottleneck: Bottleneck adapter options (with --method adapter).
+        train: Training options; train.seq_len is the longest example (longer ones are cut, and counted).
+        val_data: A separate held-out file (instead of holding out --val-fraction of --data).
+        val_fraction: Share of the examples held out for the validation loss.
+        template: auto (the tokenizer's chat template if it has one, else Alpaca), chat, or alpaca.
+        pack: Pack several examples into each training sequence (attention stays within each example).
+        resume: auto (continue from RUN_DIR's latest checkpoint, if any), no, or a run or checkpoint folder.
+    """
+    # torch-heavy imports stay inside: llmlab.cli imports this module to build `llmlab --help` without torch
     from llmlab.checkpoint import load_checkpoint
     from llmlab.instruct import InstructDataset
     from llmlab.tokenizer import Tokenizer
-    from llmlab.train import train
+    from llmlab.train import train as train_loop
 
-    cfg = config or TrainConfig()
+    cfg = train
     cfg.validate()
     trainer = make_method(method, str(checkpoint), lora, freeze, bottleneck)
     model = load_checkpoint(checkpoint)
@@ -59,7 +87,7 @@ def finetune(checkpoint: str | Path, data: str | Path, out: str | Path, method: 
     dataset = InstructDataset(data, tokenizer, cfg.seq_len, val_fraction=val_fraction, seed=cfg.seed, pack=pack,
                               template=template, val_path=val_data)
     print(f"llmlab: {data}: {dataset.stats.summary()}", file=sys.stderr)
-    result = train(model, trainer, dataset, cfg, out, tokenizer=tokenizer, resume=resume)
+    result = train_loop(model, trainer, dataset, cfg, out, tokenizer=tokenizer, resume=resume)
     if result.final is not None:
         print(f"saved {result.final} (step {result.step})", file=sys.stderr)
     return Path(out)

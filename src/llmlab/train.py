@@ -1,4 +1,5 @@
-"""The one training loop: pretraining, every fine-tuning method and distillation run through `train`.
+"""The one training loop: pretraining, every fine-tuning method and distillation run through `train`
+(their commands: `llmlab.pretrain`, `llmlab.finetune`, `llmlab.distill`).
 
 A run, in order:
 1. the model moves to its device and the `Method` prepares it (which parameters train, module swaps);
@@ -38,7 +39,6 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llmlab.args import TrainConfig
-from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.methods import Method
 from llmlab.metrics import RunLogger
@@ -557,44 +557,3 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
         logger.close()
     return result
 
-
-# -- pretraining -------------------------------------------------------------------------------------
-ARCHS = ("llama", "lstm")
-
-
-def pretrain(model: str | Path, data: str | Path, out: str | Path, config: TrainConfig | None = None,
-             resume: str | Path | None = "auto", arch: str = "llama") -> Path:
-    """Pretrain a randomly initialised model on a prepared data folder; returns RUN_DIR (final/ when finished).
-
-    `arch`: llama (the transformer, `model` is a ModelConfig spec) or lstm (the recurrent baseline of
-    `llmlab.rnn`, `model` is an LSTMConfig spec); both train with the same loop and data.
-    """
-    from llmlab.data import TokenDataset
-    from llmlab.methods import Full
-    from llmlab.model import build_model
-    from llmlab.rnn import LSTM_PRESETS, FullLSTM, LSTMConfig, build_lstm
-
-    cfg = config or TrainConfig()
-    cfg.validate()
-    if arch not in ARCHS:
-        raise LLMLabError(f"unknown --arch '{arch}'; expected one of {', '.join(ARCHS)}")
-    if arch == "llama" and str(model) in LSTM_PRESETS:
-        raise LLMLabError(f"model preset '{model}' is an LSTM preset: add --arch lstm, or use a LLaMA preset")
-    mcfg = ModelConfig.from_spec(model) if arch == "llama" else LSTMConfig.from_spec(model)
-    dataset = TokenDataset(data, cfg.seq_len, cfg.seed)
-    tokenizer = dataset.tokenizer()
-    if tokenizer.vocab_size > mcfg.vocab_size:
-        raise LLMLabError(f"the tokenizer of {data} has {tokenizer.vocab_size} tokens but model '{mcfg.name}' has "
-                          f"vocab_size {mcfg.vocab_size}: prepare the data with --train-tokenizer {mcfg.vocab_size} "
-                          "or use a model config with a larger vocab_size")
-    if arch == "llama" and cfg.seq_len > mcfg.max_position_embeddings:
-        raise LLMLabError(f"training option seq_len {cfg.seq_len} exceeds model '{mcfg.name}' context of "
-                          f"{mcfg.max_position_embeddings} (max_position_embeddings)")
-    # the checkpoint's special token ids are the tokenizer's, so generation stops where documents ended
-    mcfg.bos_token_id, mcfg.eos_token_id, mcfg.pad_token_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process (FSDP shards them in place)
-    net, method = (build_model(mcfg), Full()) if arch == "llama" else (build_lstm(mcfg), FullLSTM())
-    result = train(net, method, dataset, cfg, out, tokenizer=tokenizer, resume=resume)
-    if result.final is not None:
-        print(f"saved {result.final} (step {result.step})", file=sys.stderr)
-    return Path(out)
