@@ -202,6 +202,10 @@ def test_preparse_is_the_one_rewrite_of_argv() -> None:
     # a repeated list option appends
     assert preparse(["serve", "C", "--adapter", "a=x", "--adapter=b=y"]) == \
         ["serve", "C", "--adapter+", "a=x", "--adapter+=b=y"]
+    assert preparse(["serve", "C", "--allowed-hosts", "a.example", "--allowed-hosts", "b.example"]) == \
+        ["serve", "C", "--allowed_hosts+", "a.example", "--allowed_hosts+", "b.example"]
+    # a command's one-letter options
+    assert preparse(["search", "I", "q", "-k", "3"]) == ["search", "I", "q", "--k", "3"]
     # several index paths are one JSON list; an option's value is not a path
     assert preparse(["index", "a", "--out", "X", "b", "--progress"]) == \
         ["index", '["a", "b"]', "--out", "X", "--progress=true"]

@@ -546,7 +546,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "search": search,
 }
 
-_REPEATABLE = {"serve": ("--adapter",)}  # list options that a repeated flag extends instead of replacing
+_REPEATABLE = {"serve": ("--adapter", "--allowed_hosts")}  # list options that a repeated flag extends instead of replacing
 _SHORT_OPTIONS = {"search": {"-k": "--k"}}  # one-letter options some commands accept
 _PATH_LISTS = ("index",)  # commands whose one positional takes several paths
 _BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "null")  # what jsonargparse reads as a bool (or None)
