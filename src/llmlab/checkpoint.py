@@ -115,16 +115,22 @@ def _weight_files(folder: Path) -> list[Path]:
     raise LLMLabError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+def read_safetensors(path: str | Path, with_metadata: bool = False) -> Any:
+    """The tensors of one safetensors file (memory-mapped), and its metadata with `with_metadata`: the one place a
+    truncated or corrupt file becomes a clear error."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            return (tensors, fh.metadata() or {}) if with_metadata else tensors
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LLMLabError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+
+
 def load_safetensors(folder: str | Path) -> dict[str, Tensor]:
     """All tensors of a checkpoint folder (memory-mapped by safetensors), with HF names."""
     sd: dict[str, Tensor] = {}
     for f in _weight_files(Path(folder)):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    sd[k] = fh.get_tensor(k)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LLMLabError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+        sd.update(read_safetensors(f))
     return sd
 
 
@@ -198,6 +204,20 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def write_folder(folder: str | Path, tokenizer: Any = None,
+                 extra_files: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Write a model or adapter folder atomically: the caller puts its own files into the temporary folder this yields;
+    then the tokenizer's files and `extra_files(tmp)` (e.g. a training checkpoint's state) join them, and the folder
+    replaces `folder` in one rename. The one ending every saved folder shares."""
+    with atomic_folder(folder) as tmp:
+        yield tmp
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
 
 
 def _set_aside(path: Path) -> Path:
@@ -331,14 +351,10 @@ def save_checkpoint(model: LLaMA, folder: str | Path, tokenizer: Any = None, dty
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf_sd = llmlab_to_hf(sd, config)
     hf_sd = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in hf_sd.items()}
-    with atomic_folder(folder) as tmp:
+    with write_folder(folder, tokenizer, extra_files) as tmp:
         save_file(hf_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         out_config = config.to_hf_dict()
         out_config["torch_dtype"] = str(next(iter(hf_sd.values())).dtype).removeprefix("torch.")
         write_json(tmp / "config.json", out_config)
         write_json(tmp / "generation_config.json", generation or generation_config(config))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if extra_files is not None:
-            extra_files(tmp)
     return Path(folder)

@@ -173,17 +173,13 @@ def save_lstm(model: LSTMLM, folder: str | Path, tokenizer: Any = None, state_di
     """Write the model folder atomically: config.json (model_type llmlab-lstm), model.safetensors, tokenizer."""
     from safetensors.torch import save_file
 
-    from llmlab.checkpoint import atomic_folder, write_json
+    from llmlab.checkpoint import write_folder, write_json
 
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: sd[k].detach().contiguous().cpu() for k in _file_names(sd, model.config)}
-    with atomic_folder(folder) as tmp:
+    with write_folder(folder, tokenizer, extra_files) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", model.config.to_dict())
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if extra_files is not None:
-            extra_files(tmp)
     return Path(folder)
 
 
