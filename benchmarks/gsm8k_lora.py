@@ -47,12 +47,12 @@ def read_jsonl(path: Path, n: int) -> list[dict]:
 def exact_match(ckpt: Path, problems: list[dict], adapter: Path | None, max_new_tokens: int,
                 batch: int) -> tuple[float, list[str]]:
     """Share of `problems` whose greedy answer's final number equals the reference; and the answers."""
-    from llmlab.finetune import apply_adapter
     from llmlab.generate import SamplingParams, eos_token_ids, generate, load_for_generation
+    from llmlab.methods import load_adapter
 
     model, tokenizer, gen_config = load_for_generation(ckpt, device="cpu", dtype="float32")
     if adapter is not None:
-        apply_adapter(model, adapter)
+        load_adapter(model, adapter)
     texts: list[str] = []
     for i in range(0, len(problems), batch):
         ids = [tokenizer.encode_chat([{"role": "user", "content": p["question"]}]) for p in problems[i: i + batch]]

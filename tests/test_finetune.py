@@ -11,8 +11,8 @@ import torch
 from llmlab.checkpoint import load_checkpoint
 from llmlab.cli import main
 from llmlab.errors import LLMLabError
-from llmlab.finetune import finetune, make_method
-from llmlab.methods.lora import load_adapter
+from llmlab.finetune import finetune
+from llmlab.methods import load_adapter, make_method
 from llmlab.metrics import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -12,7 +12,8 @@ import torch
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.instruct import InstructDataset, read_conversations, tokenize_conversation
-from llmlab.methods import IGNORE_INDEX, Full, next_token_loss
+from llmlab.losses import IGNORE_INDEX, next_token_loss
+from llmlab.methods import Full
 from llmlab.methods.base import model_inputs
 from llmlab.model import build_model
 

@@ -12,12 +12,12 @@ import torch
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
 from llmlab.errors import LLMLabError
+from llmlab.methods import load_adapter
+from llmlab.methods.adapters import adapter_params
 from llmlab.methods.lora import (
     LoRA,
     LoRALinear,
-    adapter_params,
     apply_lora,
-    load_adapter,
     merge_and_unload,
     merge_lora,
     unmerge_lora,

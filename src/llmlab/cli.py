@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
+from llmlab.args import METHOD_NAMES, BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.distill_config import DistillConfig
 from llmlab.errors import LLMLabError
 
@@ -204,9 +204,9 @@ def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     model, tokenizer, gen_config = load_for_generation(checkpoint, device=device, dtype=dtype)
     if adapter is not None:
-        from llmlab.finetune import apply_adapter
+        from llmlab.methods import load_adapter
 
-        apply_adapter(model, adapter)
+        load_adapter(model, adapter)
     sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed)
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
@@ -346,7 +346,7 @@ COMMANDS += [plan]
 
 
 def finetune(checkpoint: Path, *, data: Path, out: Path,
-             method: Literal["full", "freeze", "adapter", "lora", "qlora"] = "lora", lora: LoRAConfig = LoRAConfig(),
+             method: Literal[METHOD_NAMES] = "lora", lora: LoRAConfig = LoRAConfig(),
              freeze: FreezeConfig = FreezeConfig(),
              bottleneck: BottleneckConfig = BottleneckConfig(), train: TrainConfig = TrainConfig(),
              val_data: Path | None = None,

@@ -38,7 +38,8 @@ from llmlab.config import ModelConfig
 from llmlab.distill_config import DistillConfig
 from llmlab.distill_losses import DistillLoss, TopK, make_divergence
 from llmlab.errors import LLMLabError
-from llmlab.methods.base import IGNORE_INDEX, model_inputs, state_dict_to_model
+from llmlab.losses import IGNORE_INDEX
+from llmlab.methods.base import model_inputs, state_dict_to_model
 from llmlab.methods.full import Full
 from llmlab.model import LLaMA, build_model
 from llmlab.tokenizer import Tokenizer

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
-from llmlab.methods.base import IGNORE_INDEX
+from llmlab.losses import IGNORE_INDEX
 from llmlab.tokenizer import Tokenizer
 
 Message = dict[str, str]

@@ -47,9 +47,9 @@ class LLMLabLM(LM):
                 device = "cpu"
             model, tokenizer, gen_config = load_for_generation(ckpt, device=device or "auto", dtype=dtype)
             if adapter:
-                from llmlab.finetune import apply_adapter
+                from llmlab.methods import load_adapter
 
-                apply_adapter(model, Path(adapter))
+                load_adapter(model, Path(adapter))
             size = int(batch_size) if str(batch_size).isdigit() else 8  # the harness's "auto" -> our default
             text_model = TextModel(model, tokenizer, eos_token_ids(tokenizer, gen_config), batch_size=size)
         self.lm = text_model
