@@ -15,7 +15,10 @@ import json
 import re
 import sys
 import time
+from itertools import islice
 from pathlib import Path
+
+from llmlab.jsonl import iter_jsonl
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -34,14 +37,7 @@ def final_number(text: str) -> str | None:
 
 def read_jsonl(path: Path, n: int) -> list[dict]:
     """The first `n` records of a JSONL file."""
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
-            if len(out) == n:
-                break
-    return out
+    return [line.record for line in islice(iter_jsonl(path), n)]
 
 
 def exact_match(ckpt: Path, problems: list[dict], adapter: Path | None, max_new_tokens: int,

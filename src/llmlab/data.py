@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
+from llmlab.jsonl import iter_jsonl
 from llmlab.tokenizer import Tokenizer
 
 Batch = dict[str, Tensor]
@@ -79,25 +80,18 @@ def iter_pieces(files: Sequence[Path], text_field: str = "text") -> Iterator[Pie
 
 
 def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LLMLabError(f"{path}:{lineno}: not valid JSON: {e}") from e
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise LLMLabError(f"{path}:{lineno}: no '{text_field}' field (found {keys}); "
-                                  "name the text field with --text-field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise LLMLabError(f"{path}:{lineno}: field '{text_field}' must be a string, "
-                                  f"got {type(text).__name__}")
-            if text:
-                yield Piece(text, True, True, len(line))
-            # an empty document adds nothing, not even an EOS
+    for lineno, record, nbytes in iter_jsonl(path):
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise LLMLabError(f"{path}:{lineno}: no '{text_field}' field (found {keys}); "
+                              "name the text field with --text-field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise LLMLabError(f"{path}:{lineno}: field '{text_field}' must be a string, "
+                              f"got {type(text).__name__}")
+        if text:
+            yield Piece(text, True, True, nbytes)
+        # an empty document adds nothing, not even an EOS
 
 
 def _text_pieces(path: Path) -> Iterator[Piece]:

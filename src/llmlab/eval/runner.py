@@ -22,7 +22,7 @@ import torch
 
 from llmlab.errors import LLMLabError
 from llmlab.eval import scoring
-from llmlab.eval.tasks import Task, render
+from llmlab.eval.taskfile import Task, render
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
 

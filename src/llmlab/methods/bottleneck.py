@@ -55,7 +55,7 @@ class AdaptedLinear(nn.Module):
         return y + self.adapter_up(_ACTIVATIONS[self.activation](self.adapter_down(y)))
 
 
-def apply_adapters(model: nn.Module, config: BottleneckConfig) -> nn.Module:
+def apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     """Wrap o_proj and down_proj of every block with a bottleneck adapter, in place."""
     config.validate()
     for block in model.model.layers:
@@ -81,7 +81,7 @@ class Bottleneck(AddedModulesMethod):
     module_class = AdaptedLinear
 
     def apply(self, model: nn.Module) -> None:
-        apply_adapters(model, self.config)
+        apply_bottleneck(model, self.config)
 
     def write(self, folder: Path, tensors: dict[str, Tensor], tokenizer: Any,
               extra_files: Callable[[Path], None] | None, probe: str) -> Path:

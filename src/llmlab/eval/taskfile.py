@@ -1,4 +1,4 @@
-"""Evaluation tasks described by small YAML files, so that a user adds a task without writing code.
+"""Task files: evaluation tasks described by small YAML files, so that a user adds a task without writing code.
 
 A task names its data (a JSON Lines file, optionally gzipped), its kind, and how a record becomes a prompt:
 
@@ -16,8 +16,6 @@ this module in `tasks/` (`list_tasks()`); a path to a .yaml file works wherever 
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,7 @@ from typing import Any
 import yaml
 
 from llmlab.errors import LLMLabError
+from llmlab.jsonl import iter_jsonl
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 KINDS = ("perplexity", "multiple_choice", "generate", "code", "pairs")
@@ -114,24 +113,12 @@ class Task:
     def records(self, data_dir: str | Path | None = None, which: str = "data") -> list[dict[str, Any]]:
         """The records of the task's data (or few-shot) file, each a dict."""
         self.check_data(data_dir)
-        return read_jsonl(self.data_path(data_dir, which))
+        return read_records(self.data_path(data_dir, which))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a .jsonl or .jsonl.gz file; blank lines are skipped; each line must be a JSON object."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LLMLabError(f"{path}, line {n}: not valid JSON: {e}") from e
-            if not isinstance(rec, dict):
-                raise LLMLabError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}")
-            out.append(rec)
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a task's .jsonl or .jsonl.gz file, each a JSON object; there must be some."""
+    out = [line.record for line in iter_jsonl(path, objects=True)]
     if not out:
         raise LLMLabError(f"{path}: no records")
     return out
