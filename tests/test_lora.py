@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import task_records, tiny_checkpoint, write_jsonl
 
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
@@ -22,9 +22,6 @@ from llmlab.methods.lora import (
     merge_lora,
     unmerge_lora,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import task_records, tiny_checkpoint, write_jsonl  # noqa: E402
 
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 

@@ -3,11 +3,11 @@ base model, each lowers held-out loss on a tiny task, adapter folders load back,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import changed_after_steps, task_records, tiny_checkpoint, write_jsonl
 
 from llmlab.args import BottleneckConfig, FreezeConfig, TrainConfig
 from llmlab.checkpoint import load_checkpoint
@@ -16,9 +16,6 @@ from llmlab.errors import LLMLabError
 from llmlab.finetune import finetune
 from llmlab.methods import Bottleneck, Freeze, load_adapter
 from llmlab.metrics import read_metrics
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import changed_after_steps, task_records, tiny_checkpoint, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
