@@ -43,10 +43,11 @@ def read_jsonl(path: Path, n: int) -> list[dict]:
 def exact_match(ckpt: Path, problems: list[dict], adapter: Path | None, max_new_tokens: int,
                 batch: int) -> tuple[float, list[str]]:
     """Share of `problems` whose greedy answer's final number equals the reference; and the answers."""
-    from llmlab.generate import SamplingParams, eos_token_ids, generate, load_for_generation
+    from llmlab.generate import SamplingParams, eos_token_ids, generate
+    from llmlab.loading import load_for_inference
     from llmlab.methods import load_adapter
 
-    model, tokenizer, gen_config = load_for_generation(ckpt, device="cpu", dtype="float32")
+    model, tokenizer, gen_config = load_for_inference(ckpt, device="cpu", dtype="float32")
     if adapter is not None:
         load_adapter(model, adapter)
     texts: list[str] = []

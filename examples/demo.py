@@ -31,10 +31,11 @@ def questions(path: Path = HERE / "data" / "kelvaro-val.jsonl", n: int = 5) -> l
 
 def answers(checkpoint: Path, prompts: list[str], adapter: Path | None = None, max_new_tokens: int = 40) -> list[str]:
     """Greedy answers to `prompts` as chat messages, in one batch (with the adapter applied if given)."""
-    from llmlab.generate import SamplingParams, eos_token_ids, generate, load_for_generation
+    from llmlab.generate import SamplingParams, eos_token_ids, generate
+    from llmlab.loading import load_for_inference
     from llmlab.methods import load_adapter
 
-    model, tokenizer, gen_config = load_for_generation(checkpoint, device="cpu", dtype="float32")
+    model, tokenizer, gen_config = load_for_inference(checkpoint, device="cpu", dtype="float32")
     if adapter is not None:
         load_adapter(model, adapter)
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]

@@ -199,10 +199,11 @@ def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature:
                          stop: str | list[str] | None, adapter: Path | None = None) -> tuple:
     """Model (with its LoRA adapter, if any), tokenizer, sampling parameters, EOS ids and stop strings for
     `generate` and `chat`."""
-    from llmlab.generate import SamplingParams, eos_token_ids, load_for_generation
+    from llmlab.generate import SamplingParams, eos_token_ids
+    from llmlab.loading import load_for_inference
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    model, tokenizer, gen_config = load_for_generation(checkpoint, device=device, dtype=dtype)
+    model, tokenizer, gen_config = load_for_inference(checkpoint, device=device, dtype=dtype)
     if adapter is not None:
         from llmlab.methods import load_adapter
 

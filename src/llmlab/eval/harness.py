@@ -39,13 +39,14 @@ class LLMLabLM(LM):
                 raise LLMLabError("lm_eval --model llmlab needs --model_args ckpt=<checkpoint folder>")
             import torch
 
-            from llmlab.generate import eos_token_ids, load_for_generation
+            from llmlab.generate import eos_token_ids
+            from llmlab.loading import load_for_inference
 
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 # the harness's --device defaults to cuda; on a machine without one, run on the CPU instead
                 print(f"llmlab: --device {device} is not available here; using cpu", file=sys.stderr)
                 device = "cpu"
-            model, tokenizer, gen_config = load_for_generation(ckpt, device=device or "auto", dtype=dtype)
+            model, tokenizer, gen_config = load_for_inference(ckpt, device=device or "auto", dtype=dtype)
             if adapter:
                 from llmlab.methods import load_adapter
 

@@ -1,0 +1,45 @@
+"""Loading a checkpoint to run it: the one function (`load_for_inference`) that `generate`, `chat`, `serve`,
+`evaluate` and the lm-evaluation-harness adapter call to get a model on its device in its dtype, with its tokenizer and
+generation config. Training loads through `llmlab.checkpoint.load_checkpoint` instead (its own device and precision
+rules live in `llmlab.train`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmlab.checkpoint import DTYPES, load_checkpoint, load_generation_config
+from llmlab.errors import LLMLabError
+from llmlab.model import LLaMA
+from llmlab.tokenizer import Tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU; otherwise a torch device string."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise LLMLabError(f"--device: '{name}' is not a device (expected auto, cpu, cuda or cuda:N)") from e
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 elsewhere; else one of float32, bfloat16, float16."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise LLMLabError(f"--dtype: expected auto, {', '.join(DTYPES)}; got '{name}'")
+    return DTYPES[name]
+
+
+def load_for_inference(folder: str | Path, device: str = "auto",
+                       dtype: str = "auto") -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
+    """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    model = load_checkpoint(folder, device=dev, dtype=torch_dtype)
+    return model, Tokenizer.from_folder(folder), load_generation_config(folder)
