@@ -45,11 +45,9 @@ def exact_match(ckpt: Path, problems: list[dict], adapter: Path | None, max_new_
     """Share of `problems` whose greedy answer's final number equals the reference; and the answers."""
     from llmlab.generate import SamplingParams, eos_token_ids, generate
     from llmlab.loading import load_for_inference
-    from llmlab.methods import load_adapter
 
-    model, tokenizer, gen_config = load_for_inference(ckpt, device="cpu", dtype="float32")
-    if adapter is not None:
-        load_adapter(model, adapter)
+    model, tokenizer, gen_config = load_for_inference(ckpt, [adapter] if adapter else [], device="cpu",
+                                                      dtype="float32")
     texts: list[str] = []
     for i in range(0, len(problems), batch):
         ids = [tokenizer.encode_chat([{"role": "user", "content": p["question"]}]) for p in problems[i: i + batch]]

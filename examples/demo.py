@@ -33,11 +33,9 @@ def answers(checkpoint: Path, prompts: list[str], adapter: Path | None = None, m
     """Greedy answers to `prompts` as chat messages, in one batch (with the adapter applied if given)."""
     from llmlab.generate import SamplingParams, eos_token_ids, generate
     from llmlab.loading import load_for_inference
-    from llmlab.methods import load_adapter
 
-    model, tokenizer, gen_config = load_for_inference(checkpoint, device="cpu", dtype="float32")
-    if adapter is not None:
-        load_adapter(model, adapter)
+    model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device="cpu",
+                                                      dtype="float32")
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     out = generate(model, tokenizer, ids, max_new_tokens, SamplingParams(temperature=0.0),
                    eos_token_ids(tokenizer, gen_config))

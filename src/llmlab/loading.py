@@ -1,11 +1,12 @@
 """Loading a checkpoint to run it: the one function (`load_for_inference`) that `generate`, `chat`, `serve`,
-`evaluate` and the lm-evaluation-harness adapter call to get a model on its device in its dtype, with its tokenizer and
-generation config. Training loads through `llmlab.checkpoint.load_checkpoint` instead (its own device and precision
-rules live in `llmlab.train`).
+`evaluate` and the lm-evaluation-harness adapter call to get a model on its device in its dtype, with its adapters,
+its tokenizer and its generation config. Training loads through `llmlab.checkpoint.load_checkpoint` instead (its own
+device and precision rules live in `llmlab.train`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import torch
 
 from llmlab.checkpoint import DTYPES, load_checkpoint, load_generation_config
 from llmlab.errors import LLMLabError
+from llmlab.methods import load_adapter
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
 
@@ -36,10 +38,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_for_inference(folder: str | Path, device: str = "auto",
+def load_for_inference(folder: str | Path, adapters: Sequence[str | Path] = (), *, device: str = "auto",
                        dtype: str = "auto") -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
-    """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder."""
+    """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder.
+
+    Args:
+        folder: The checkpoint folder.
+        adapters: Adapter folders (PEFT LoRA, llmlab bottleneck) to put on the model, unmerged, in this order.
+        device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
+        dtype: The weights' dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16.
+    Options after `adapters` are keyword-only, so that more of them slot in without touching the callers.
+    """
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     model = load_checkpoint(folder, device=dev, dtype=torch_dtype)
+    for adapter in adapters:
+        load_adapter(model, adapter)
     return model, Tokenizer.from_folder(folder), load_generation_config(folder)

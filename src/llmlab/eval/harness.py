@@ -16,7 +16,6 @@ map onto it one to one (loglikelihood, loglikelihood_rolling, generate_until).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the harness's registry first: it imports its models only when empty)
@@ -46,11 +45,8 @@ class LLMLabLM(LM):
                 # the harness's --device defaults to cuda; on a machine without one, run on the CPU instead
                 print(f"llmlab: --device {device} is not available here; using cpu", file=sys.stderr)
                 device = "cpu"
-            model, tokenizer, gen_config = load_for_inference(ckpt, device=device or "auto", dtype=dtype)
-            if adapter:
-                from llmlab.methods import load_adapter
-
-                load_adapter(model, Path(adapter))
+            model, tokenizer, gen_config = load_for_inference(ckpt, [adapter] if adapter else [],
+                                                              device=device or "auto", dtype=dtype)
             size = int(batch_size) if str(batch_size).isdigit() else 8  # the harness's "auto" -> our default
             text_model = TextModel(model, tokenizer, eos_token_ids(tokenizer, gen_config), batch_size=size)
         self.lm = text_model
