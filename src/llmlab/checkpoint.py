@@ -38,11 +38,22 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    """The torch dtype called `name` (float32, bfloat16 or float16)."""
-    if name not in DTYPES:
-        raise LLMLabError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def default_dtype(device: torch.device) -> torch.dtype:
+    """What dtype `auto` means for a model run on `device`: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_from_name(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype called `name`: float32, bfloat16 or float16, as stored in a folder; with the `device` a model
+    will run on, also `auto` (`default_dtype`), as the --dtype option of the commands that run one takes it. The one
+    place dtype names become dtypes."""
+    if device is not None and name == "auto":
+        return default_dtype(device)
+    if name in DTYPES:
+        return DTYPES[name]
+    if device is not None:
+        raise LLMLabError(f"--dtype: expected auto, {', '.join(DTYPES)}; got '{name}'")
+    raise LLMLabError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
 
 
 # -- name mapping ------------------------------------------------------------------------------------

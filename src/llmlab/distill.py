@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.args import TrainConfig
+from llmlab.checkpoint import dtype_from_name
 from llmlab.config import ModelConfig
 from llmlab.distill_config import DistillConfig
 from llmlab.distill_losses import DistillLoss, TopK, make_divergence
@@ -306,9 +307,7 @@ class DistillMethod(Full):
                               f"{self.teacher.config.vocab_size}: their logits must cover the same tokens")
         self.student = model
         device = model.lm_head.weight.device
-        name = self.kd.teacher_dtype
-        dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else \
-            getattr(torch, name)
+        dtype = dtype_from_name(self.kd.teacher_dtype, device)
         self.teacher.requires_grad_(False)
         self.teacher = self.teacher.to(device=device, dtype=dtype).eval()
         if self.kd.cache:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from llmlab.checkpoint import DTYPES, load_checkpoint, load_generation_config
+from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_generation_config
 from llmlab.errors import LLMLabError
 from llmlab.methods import load_adapter
 from llmlab.model import LLaMA
@@ -29,15 +29,6 @@ def resolve_device(name: str) -> torch.device:
         raise LLMLabError(f"--device: '{name}' is not a device (expected auto, cpu, cuda or cuda:N)") from e
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA and float32 elsewhere; else one of float32, bfloat16, float16."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise LLMLabError(f"--dtype: expected auto, {', '.join(DTYPES)}; got '{name}'")
-    return DTYPES[name]
-
-
 def load_for_inference(folder: str | Path, adapters: Sequence[str | Path] = (), *, device: str = "auto",
                        dtype: str = "auto") -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
     """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder.
@@ -50,7 +41,7 @@ def load_for_inference(folder: str | Path, adapters: Sequence[str | Path] = (), 
     Options after `adapters` are keyword-only, so that more of them slot in without touching the callers.
     """
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    torch_dtype = dtype_from_name(dtype, dev)
     model = load_checkpoint(folder, device=dev, dtype=torch_dtype)
     for adapter in adapters:
         load_adapter(model, adapter)
