@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from llmlab.checkpoint import check_output, output_folder, write_json
 from llmlab.errors import LLMLabError
 from llmlab.jsonl import iter_jsonl
-from llmlab.tokenizer import Tokenizer
+from llmlab.tokenizer import Tokenizer, train_bpe_tokenizer
 
 Batch = dict[str, Tensor]
 """A training batch: `input_ids` (B, T) and `labels` (B, T) int64, where label -100 means "no loss here"."""
@@ -133,11 +135,6 @@ def prepare(corpus: Sequence[str | Path], out_dir: str | Path, tokenizer: str | 
     (the vocabulary size of a new byte-level BPE trained on this corpus). DATA_DIR may be missing, empty or an
     earlier output of `prepare`; any other folder is replaced only with `overwrite` (`llmlab.checkpoint.check_output`).
     """
-    from tqdm import tqdm
-
-    from llmlab.checkpoint import check_output, output_folder, write_json
-    from llmlab.tokenizer import train_bpe_tokenizer
-
     if (tokenizer is None) == (train_tokenizer is None):
         raise LLMLabError("give exactly one of --tokenizer CKPT (reuse its tokenizer) and --train-tokenizer "
                           "VOCAB_SIZE (train a new one on the corpus)")

@@ -31,19 +31,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from llmlab.args import TrainConfig
-from llmlab.checkpoint import dtype_from_name
+from llmlab.checkpoint import dtype_from_name, load_checkpoint
 from llmlab.config import ModelConfig
+from llmlab.data import TokenDataset
 from llmlab.distill_config import DistillConfig
 from llmlab.distill_losses import DistillLoss, TopK, make_divergence
 from llmlab.errors import LLMLabError
+from llmlab.generate import SamplingParams, generate_tokens
+from llmlab.instruct import InstructDataset
 from llmlab.losses import IGNORE_INDEX
 from llmlab.methods.base import model_inputs, state_dict_to_model
 from llmlab.methods.full import Full
 from llmlab.model import LLaMA, build_model
 from llmlab.tokenizer import Tokenizer
+from llmlab.train import train
 
 CACHE_FORMAT = "llmlab-teacher-topk"
 CACHE_FILE = "teacher_topk.safetensors"
@@ -105,8 +112,6 @@ def check_same_tokenizer(teacher: Tokenizer, other: Tokenizer, teacher_name: str
 def make_student(spec: str | Path | None, layers: str | list[int] | None, teacher: LLaMA, teacher_name: str,
                  teacher_tokenizer: Tokenizer, seed: int = 0) -> LLaMA:
     """The student of a `--student` PRESET|config.yaml|CKPT or `--student-layers` SPEC (see the module doc)."""
-    from llmlab.checkpoint import load_checkpoint
-
     tcfg = teacher.config
     if layers is not None:
         if spec not in (None, "", "teacher"):
@@ -190,8 +195,6 @@ class TeacherCache:
     def build(cls, teacher_fn: Any, data: Any, batch_size: int, meta: dict[str, str], top_k: int,
               temperature: float) -> TeacherCache:
         """Run the teacher once over epoch 0 of `data` (every training sample once) and keep its top-k."""
-        from tqdm import tqdm
-
         n = num_train_samples(data)
         keys: list[int] = []
         offsets, logprobs, indices = [0], [], []
@@ -215,8 +218,6 @@ class TeacherCache:
 
     def save(self, path: Path) -> None:
         """Write the file atomically (a temporary sibling renamed into place)."""
-        from safetensors.torch import save_file
-
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
@@ -233,8 +234,6 @@ class TeacherCache:
     @classmethod
     def load(cls, path: Path, meta: dict[str, str]) -> TeacherCache:
         """Read a cache file; raise a clear error when it was made by another teacher, k or temperature."""
-        from safetensors import SafetensorError, safe_open
-
         try:
             with safe_open(str(path), framework="pt") as fh:
                 found = fh.metadata() or {}
@@ -370,8 +369,6 @@ class DistillMethod(Full):
         data), else its first half (a text corpus). Sampling draws its seed from torch's RNG, which the loop saves
         in checkpoints, so a resumed run samples the same continuations.
         """
-        from llmlab.generate import SamplingParams, generate_tokens
-
         student = self.student
         if student is None:
             raise LLMLabError("DistillMethod.prepare must run before on-policy batches")
@@ -421,9 +418,6 @@ def load_data(data: str | Path, tokenizer: Tokenizer, cfg: TrainConfig, teacher_
               val_data: str | Path | None = None, val_fraction: float = 0.1, template: str = "auto",
               pack: bool = False) -> Any:
     """A prepared token folder (`llmlab prepare`, tokenized by the teacher's tokenizer) or instruction data."""
-    from llmlab.data import TokenDataset
-    from llmlab.instruct import InstructDataset
-
     path = Path(data)
     if path.is_dir():
         dataset = TokenDataset(path, cfg.seq_len, cfg.seed)
@@ -440,9 +434,6 @@ def distill(teacher: str | Path, data: str | Path, out: str | Path, student: str
             kd: DistillConfig | None = None, val_data: str | Path | None = None, val_fraction: float = 0.1,
             template: str = "auto", pack: bool = False, resume: str | Path | None = "auto") -> Path:
     """Distill TEACHER into a student on DATA into RUN_DIR; returns RUN_DIR (final/ when the run finished)."""
-    from llmlab.checkpoint import load_checkpoint
-    from llmlab.train import train
-
     cfg, kd = config or TrainConfig(), kd or DistillConfig()
     cfg.validate()
     kd.validate()

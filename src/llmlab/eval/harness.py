@@ -19,11 +19,14 @@ import sys
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the harness's registry first: it imports its models only when empty)
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from llmlab.errors import LLMLabError
 from llmlab.eval.runner import TextModel
+from llmlab.generate import eos_token_ids
+from llmlab.loading import load_for_inference
 
 
 class LLMLabLM(LM):
@@ -36,11 +39,6 @@ class LLMLabLM(LM):
         if text_model is None:
             if not ckpt:
                 raise LLMLabError("lm_eval --model llmlab needs --model_args ckpt=<checkpoint folder>")
-            import torch
-
-            from llmlab.generate import eos_token_ids
-            from llmlab.loading import load_for_inference
-
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 # the harness's --device defaults to cuda; on a machine without one, run on the CPU instead
                 print(f"llmlab: --device {device} is not available here; using cpu", file=sys.stderr)

@@ -21,8 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmlab.errors import LLMLabError
+from llmlab.eval.scoring import EXTRACTORS
 from llmlab.jsonl import iter_jsonl
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -77,7 +80,6 @@ class Task:
         missing = [k for k in _REQUIRED[self.kind] if not getattr(self, k)]
         if missing:
             raise LLMLabError(f"{where}: a {self.kind} task needs {', '.join(repr(m) for m in missing)}")
-        from llmlab.eval.scoring import EXTRACTORS
 
         if self.extract not in EXTRACTORS:
             raise LLMLabError(f"{where}: extract must be one of {', '.join(EXTRACTORS)}, got {self.extract!r}")
@@ -189,9 +191,6 @@ _COMPILED: dict[str, Any] = {}
 
 def render(template: str, values: dict[str, Any], where: str) -> str:
     """Render a task template over a record's fields (sandboxed Jinja, undefined fields are errors)."""
-    from jinja2 import StrictUndefined, TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     try:
         if template not in _COMPILED:
             env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from llmlab.losses import next_token_loss
+from llmlab.model import LLaMA
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -82,8 +83,6 @@ class Method:
 
 def state_dict_to_model(config: Any, state_dict: dict[str, Tensor]) -> nn.Module:
     """A LLaMA holding `state_dict`'s tensors without copying them (built on the meta device)."""
-    from llmlab.model import LLaMA
-
     with torch.device("meta"):
         model = LLaMA(config)
     model.load_state_dict(state_dict, strict=False, assign=True)

@@ -18,6 +18,7 @@ from typing import Any
 
 from llmlab.errors import LLMLabError
 from llmlab.plugins.calling import parse_tool_calls, select_tools, template_messages, tool_logits_processor
+from llmlab.rag.grounded import INSTRUCTIONS, fit_passages, grounded_message, sources_payload
 from llmlab.serve.api import APIError, ChatCompletionRequest, ChatPlan
 from llmlab.tokenizer import Tokenizer
 
@@ -46,8 +47,6 @@ class CopilotExtension:
         return plan
 
     def _ground(self, plan: ChatPlan, cite: bool) -> None:
-        from llmlab.rag.grounded import INSTRUCTIONS, fit_passages, grounded_message, sources_payload
-
         question = plan.messages[-1]["content"]
         if not question.strip():
             return
