@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from llmlab.args import TrainConfig
-from llmlab.checkpoint import dtype_from_name, load_checkpoint
+from llmlab.checkpoint import dtype_from_name, load_checkpoint, read_safetensors
 from llmlab.config import ModelConfig
 from llmlab.data import TokenDataset
 from llmlab.distill_config import DistillConfig
@@ -235,12 +234,9 @@ class TeacherCache:
     def load(cls, path: Path, meta: dict[str, str]) -> TeacherCache:
         """Read a cache file; raise a clear error when it was made by another teacher, k or temperature."""
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                found = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LLMLabError(f"{path}: cannot read the teacher cache (truncated or corrupt?): {e}; delete it to "
-                              "rebuild it") from e
+            tensors, found = read_safetensors(path, with_metadata=True)
+        except LLMLabError as e:
+            raise LLMLabError(f"cannot read the teacher cache: {e}; delete it to rebuild it") from e
         differ = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
         if differ:
             what = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in differ.items())

@@ -59,6 +59,16 @@ def adapter_params(model: nn.Module, module_class: type[nn.Module] = nn.Module) 
     return out
 
 
+def wrap_linear(parent: nn.Module, attr: str, wrapper: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replace the plain nn.Linear `parent.<attr>` by `wrapper(it)`, in place. A module that is already something
+    else (another adapter's, or the same kind twice) is refused: wrapping it would silently drop what it adds."""
+    base = getattr(parent, attr)
+    if type(base) is not nn.Linear:
+        raise LLMLabError(f"adapters wrap plain linear layers, and {attr} is a {type(base).__name__} already (an "
+                          "adapter is on it); merge or remove it before adding another")
+    setattr(parent, attr, wrapper(base))
+
+
 def set_trainable(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
     """Freeze everything but `params`: the one place an adapter method chooses what trains."""
     model.requires_grad_(False)

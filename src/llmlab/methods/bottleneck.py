@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.args import BottleneckConfig
-from llmlab.errors import LLMLabError
 from llmlab.methods.adapters import (
     BOTTLENECK,
     AdapterFiles,
     AddedModulesMethod,
     read_adapter_files,
+    wrap_linear,
     write_adapter_files,
 )
 
@@ -60,14 +60,8 @@ def apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     config.validate()
     for block in model.model.layers:
         for parent_name, attr in _WRAPPED:
-            parent = getattr(block, parent_name)
-            base = getattr(parent, attr)
-            if isinstance(base, AdaptedLinear):
-                raise LLMLabError("the model already has bottleneck adapters")
-            if type(base) is not nn.Linear:  # wrapping it would drop what it adds (LoRA on o_proj, ...)
-                raise LLMLabError(f"bottleneck adapters wrap plain linear layers; {parent_name}.{attr} is a "
-                                  f"{type(base).__name__} (another adapter is on it)")
-            setattr(parent, attr, AdaptedLinear(base, config.dim, config.activation))
+            wrap_linear(getattr(block, parent_name), attr,
+                        lambda base: AdaptedLinear(base, config.dim, config.activation))
     return model
 
 

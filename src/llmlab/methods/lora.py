@@ -35,6 +35,7 @@ from llmlab.methods.adapters import (
     AdapterFiles,
     AddedModulesMethod,
     read_adapter_files,
+    wrap_linear,
     write_adapter_files,
 )
 
@@ -170,15 +171,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig, ranks: dict[str, int] | Non
         raise LLMLabError(f"LoRA targets {targets} match no module: the model has no model.layers blocks")
     for block in layers:
         for (parent_name, fused), group in groups.items():
-            parent = getattr(block, parent_name)
-            base = getattr(parent, fused)
-            if isinstance(base, LoRALinear):
-                raise LLMLabError("the model already has LoRA modules; merge or remove them before adding more")
-            if type(base) is not nn.Linear:  # wrapping it would drop what it adds (a bottleneck adapter, ...)
-                raise LLMLabError(f"LoRA wraps plain linear layers; {parent_name}.{fused} is a {type(base).__name__} "
-                                  "(another adapter is on it)")
             slices = {t: target_rows(model, t) for t in LORA_TARGETS if t in group}
-            setattr(parent, fused, cls(base, slices, group, config.alpha, config.dropout, config.rslora))
+            wrap_linear(getattr(block, parent_name), fused,
+                        lambda base: cls(base, slices, group, config.alpha, config.dropout, config.rslora))
     model.lora_config = config
     return model
 
