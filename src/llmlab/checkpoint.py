@@ -1,12 +1,16 @@
 """HF-format checkpoint folders: `config.json` + `model.safetensors` (or shards + index), HF tensor names.
 
 The model fuses q/k/v and gate/up projections; `hf_to_llmlab` and `llmlab_to_hf` are the one place that maps
-between its names and the names on disk.
+between its names and the names on disk. Model, adapter and teacher-cache safetensors files are read through
+`read_safetensors` (one error for a truncated or corrupt file), and every dtype name (`--dtype`, `teacher_dtype`,
+stored dtypes) becomes a dtype in `dtype_from_name`. Loading a checkpoint to run it (device, dtype, adapters) is
+`llmlab.loading`'s.
 
 Writing folders, the one place for it: a folder is written into a temporary sibling `.NAME.tmp-*` and renamed into
 place (`atomic_folder`), and deleted by renaming it to a hidden `.NAME.old-*` sibling first (`remove_folder`), so a
 kill -9 never leaves a half-written or half-deleted folder under a name that looks complete; `sweep_leftovers` removes
-such hidden siblings later. A command's output folder (`output_folder`) also carries a small manifest
+such hidden siblings later. Every saved model or adapter folder ends the same way (`write_folder`: the tokenizer's files
+and any extra files, then the rename). A command's output folder (`output_folder`) also carries a small manifest
 (`llmlab_output.json`: the command and the files it wrote), which is how an earlier output of the same command is told
 apart from a folder of someone else's files that must not be replaced without --overwrite.
 """
