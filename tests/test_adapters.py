@@ -33,9 +33,9 @@ def test_the_registry_holds_the_names_the_command_line_offers() -> None:
 def test_each_method_trains_only_the_parameters_its_modules_declare(ckpt: Path) -> None:
     model = LoRA(LoRAConfig(r=2, targets="q,gate")).prepare(load_checkpoint(ckpt))
     Bottleneck(BottleneckConfig(dim=4)).apply(model)  # a second kind of adapter on the same model
-    with pytest.raises(LLMLabError, match="o_proj is a AdaptedLinear already"):
+    with pytest.raises(LLMLabError, match="o_proj is a AdaptedLinear, not a plain nn.Linear"):
         LoRA(LoRAConfig(r=2, targets="o")).apply(model)  # on top of another adapter: refused, not dropped
-    with pytest.raises(LLMLabError, match="down_proj is a LoRALinear already"):
+    with pytest.raises(LLMLabError, match="down_proj is a LoRALinear, not a plain nn.Linear"):
         Bottleneck().apply(LoRA(LoRAConfig(r=2, targets="down")).prepare(load_checkpoint(ckpt)))
     lora = {n for n, _ in LoRA(LoRAConfig(r=2)).params(model)}
     bottleneck = {n for n, _ in Bottleneck().params(model)}

@@ -18,6 +18,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from llmlab import gguf_import
 from llmlab.checkpoint import (
     atomic_folder,
     dtype_from_name,
@@ -28,7 +29,6 @@ from llmlab.checkpoint import (
     save_checkpoint,
 )
 from llmlab.errors import LLMLabError
-from llmlab.gguf_import import IMPORTER_VERSION, import_gguf
 from llmlab.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -94,7 +94,7 @@ def _is_current_import(folder: Path) -> bool:
     if not (folder / "config.json").is_file() or not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("importer") == IMPORTER_VERSION
+        return json.loads(marker.read_text()).get("importer") == gguf_import.IMPORTER_VERSION
     except json.JSONDecodeError:
         return False
 
@@ -104,7 +104,7 @@ def ensure_default_model() -> Path:
     folder = cache_dir() / "models" / DEFAULT_MODEL
     if _is_current_import(folder):
         return folder
-    return import_gguf(ensure_default_gguf(), folder, "float32")
+    return gguf_import.import_gguf(ensure_default_gguf(), folder, "float32")
 
 
 def download(name: str, out: str | Path | None = None, dtype: str = "float32") -> Path:
@@ -116,7 +116,7 @@ def download(name: str, out: str | Path | None = None, dtype: str = "float32") -
     dtype_from_name(dtype)  # fail on a bad dtype before any download
     out = Path(out) if out is not None else Path("checkpoints") / name
     if name == DEFAULT_MODEL:
-        return import_gguf(ensure_default_gguf(), out, dtype)
+        return gguf_import.import_gguf(ensure_default_gguf(), out, dtype)
     folder = _snapshot(name, out)
     if not _weights_are(folder, dtype):
         _convert(folder, folder, dtype)  # the folder just downloaded, in place
@@ -169,7 +169,7 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float32", overwrite:
 def _convert(src: Path, dst: Path, dtype: str) -> Path:
     """Write SRC (a .gguf file or an HF-format folder) as an HF-format folder DST with weights in `dtype`."""
     if src.is_file():
-        return import_gguf(src, dst, dtype)
+        return gguf_import.import_gguf(src, dst, dtype)
     torch_dtype = dtype_from_name(dtype)
     model = load_checkpoint(src, dtype=torch_dtype)
     tokenizer = Tokenizer.from_folder(src) if (src / "tokenizer.json").is_file() else None

@@ -64,8 +64,8 @@ def wrap_linear(parent: nn.Module, attr: str, wrapper: Callable[[nn.Linear], nn.
     else (another adapter's, or the same kind twice) is refused: wrapping it would silently drop what it adds."""
     base = getattr(parent, attr)
     if type(base) is not nn.Linear:
-        raise LLMLabError(f"adapters wrap plain linear layers, and {attr} is a {type(base).__name__} already (an "
-                          "adapter is on it); merge or remove it before adding another")
+        raise LLMLabError(f"{attr} is a {type(base).__name__}, not a plain nn.Linear: adapters wrap plain linear "
+                          "layers only (merge or remove an adapter already on it before adding another)")
     setattr(parent, attr, wrapper(base))
 
 
