@@ -79,7 +79,7 @@ def run_method(args: argparse.Namespace) -> dict:
 
     from llmlab.args import LoRAConfig, TrainConfig
     from llmlab.checkpoint import load_checkpoint
-    from llmlab.finetune import make_method
+    from llmlab.methods import make_method
     from llmlab.train import Env, build_optimizer, train_step
 
     if args.threads:

@@ -31,7 +31,8 @@ def hf_method():
     way), so both sides run the same `train_step`."""
     import torch
 
-    from llmlab.methods import Method, next_token_loss
+    from llmlab.losses import next_token_loss
+    from llmlab.methods import Method
 
     class HFMethod(Method):
         def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

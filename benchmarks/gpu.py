@@ -186,7 +186,7 @@ class Worker:
         import torch
 
         from llmlab.args import LoRAConfig
-        from llmlab.finetune import make_method
+        from llmlab.methods import make_method
         from llmlab.train import compile_blocks, setup_precision
 
         lora = LoRAConfig(**LORA)
@@ -215,7 +215,8 @@ class Worker:
         from litgpt.config import Config
         from litgpt.model import GPT
 
-        from llmlab.methods import Method, next_token_loss
+        from llmlab.losses import next_token_loss
+        from llmlab.methods import Method
 
         class LitMethod(Method):
             def loss(self, model, batch):

@@ -15,7 +15,10 @@ import json
 import re
 import sys
 import time
+from itertools import islice
 from pathlib import Path
+
+from llmlab.jsonl import iter_jsonl
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -34,25 +37,17 @@ def final_number(text: str) -> str | None:
 
 def read_jsonl(path: Path, n: int) -> list[dict]:
     """The first `n` records of a JSONL file."""
-    out = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
-            if len(out) == n:
-                break
-    return out
+    return [line.record for line in islice(iter_jsonl(path), n)]
 
 
 def exact_match(ckpt: Path, problems: list[dict], adapter: Path | None, max_new_tokens: int,
                 batch: int) -> tuple[float, list[str]]:
     """Share of `problems` whose greedy answer's final number equals the reference; and the answers."""
-    from llmlab.finetune import apply_adapter
-    from llmlab.generate import SamplingParams, eos_token_ids, generate, load_for_generation
+    from llmlab.generate import SamplingParams, eos_token_ids, generate
+    from llmlab.loading import load_for_inference
 
-    model, tokenizer, gen_config = load_for_generation(ckpt, device="cpu", dtype="float32")
-    if adapter is not None:
-        apply_adapter(model, adapter)
+    model, tokenizer, gen_config = load_for_inference(ckpt, [adapter] if adapter else [], device="cpu",
+                                                      dtype="float32")
     texts: list[str] = []
     for i in range(0, len(problems), batch):
         ids = [tokenizer.encode_chat([{"role": "user", "content": p["question"]}]) for p in problems[i: i + batch]]

@@ -31,12 +31,11 @@ def questions(path: Path = HERE / "data" / "kelvaro-val.jsonl", n: int = 5) -> l
 
 def answers(checkpoint: Path, prompts: list[str], adapter: Path | None = None, max_new_tokens: int = 40) -> list[str]:
     """Greedy answers to `prompts` as chat messages, in one batch (with the adapter applied if given)."""
-    from llmlab.finetune import apply_adapter
-    from llmlab.generate import SamplingParams, eos_token_ids, generate, load_for_generation
+    from llmlab.generate import SamplingParams, eos_token_ids, generate
+    from llmlab.loading import load_for_inference
 
-    model, tokenizer, gen_config = load_for_generation(checkpoint, device="cpu", dtype="float32")
-    if adapter is not None:
-        apply_adapter(model, adapter)
+    model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device="cpu",
+                                                      dtype="float32")
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     out = generate(model, tokenizer, ids, max_new_tokens, SamplingParams(temperature=0.0),
                    eos_token_ids(tokenizer, gen_config))

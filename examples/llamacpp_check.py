@@ -20,12 +20,11 @@ import sys
 
 def expect(args: argparse.Namespace) -> None:
     """Greedy generation with llmlab, as `llmlab generate CKPT --prompt P --temperature 0` does it."""
-    from llmlab.finetune import apply_adapter
-    from llmlab.generate import SamplingParams, eos_token_ids, generate, load_for_generation
+    from llmlab.generate import SamplingParams, eos_token_ids, generate
+    from llmlab.loading import load_for_inference
 
-    model, tokenizer, gen_config = load_for_generation(args.checkpoint, device="cpu", dtype="float32")
-    if args.adapter:
-        apply_adapter(model, args.adapter)
+    model, tokenizer, gen_config = load_for_inference(args.checkpoint, [args.adapter] if args.adapter else [],
+                                                      device="cpu", dtype="float32")
     chat = tokenizer.chat_template is not None  # as `llmlab generate` decides by default
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}]) if chat else args.prompt
     ids = tokenizer.encode(prompt, add_bos=False)

@@ -16,7 +16,8 @@ from _tiny import tiny_checkpoint
 
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
-from llmlab.methods.lora import LoRA, adapter_params
+from llmlab.methods.adapters import adapter_params
+from llmlab.methods.lora import LoRA
 
 PROMPTS = ["What does the cat say?", "The dog", "What does the owl say? The owl says", "cow"]
 

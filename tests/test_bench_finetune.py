@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).parent.parent
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import tiny_checkpoint  # noqa: E402
+from _scripts import load_script
+from _tiny import tiny_checkpoint
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_finetune", ROOT / "benchmarks" / "bench_finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_finetune.py")
 
 
 def test_options_are_checked(capsys: pytest.CaptureFixture) -> None:

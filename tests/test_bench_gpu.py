@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 from llmlab.config import ModelConfig
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(BENCH))
-import gpu  # noqa: E402
+gpu = load_script("benchmarks/gpu.py")
 
 
 def test_mfu_counts_flops_as_the_issue_did():

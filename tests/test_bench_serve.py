@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 from _serve import make_fixture
 
 ROOT = Path(__file__).parent.parent
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "benchmarks" / "bench_serve.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_serve.py")
 
 
 @pytest.mark.slow  # starts a server subprocess

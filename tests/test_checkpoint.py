@@ -173,3 +173,11 @@ def test_generation_config_reading(tiny):
     (folder / "generation_config.json").write_text("[2]")
     with pytest.raises(LLMLabError, match="generation_config.json: expected a JSON object"):
         load_generation_config(folder)
+
+
+def test_auto_dtype_needs_the_device_it_runs_on() -> None:
+    assert dtype_from_name("auto", torch.device("cuda")) is torch.bfloat16  # no GPU needed to name one
+    assert dtype_from_name("auto", torch.device("cpu")) is torch.float32
+    assert dtype_from_name("float16", torch.device("cpu")) is torch.float16
+    with pytest.raises(LLMLabError, match="unknown dtype 'auto'"):
+        dtype_from_name("auto")  # a stored dtype is never auto

@@ -12,7 +12,8 @@ from _rag import tiny_long_checkpoint
 
 from llmlab.constrained import bounded_schema, check_schema, json_processor, tool_call_processor
 from llmlab.errors import LLMLabError
-from llmlab.generate import SamplingParams, generate_tokens, load_for_generation, stream
+from llmlab.generate import SamplingParams, generate_tokens, stream
+from llmlab.loading import load_for_inference
 from llmlab.plugins.calling import parse_tool_calls, template_messages
 
 SCHEMA = {"type": "object",
@@ -28,7 +29,7 @@ TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": SCHE
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    model, tok, _ = load_for_generation(tiny_long_checkpoint(tmp_path_factory.mktemp("c") / "tiny"))
+    model, tok, _ = load_for_inference(tiny_long_checkpoint(tmp_path_factory.mktemp("c") / "tiny"))
     return model, tok
 
 

@@ -4,13 +4,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import openai
 import pytest
 from _rag import HashEmbedder, tiny_long_checkpoint
+from _scripts import load_script
 from _serve import ServerThread, one_thread  # noqa: F401  (a fixture, used through pytestmark)
 
 from llmlab.rag.index import build_index, open_index
@@ -20,10 +19,7 @@ from llmlab.serve.copilot import CopilotExtension
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-EXAMPLE = Path(__file__).parent.parent / "examples" / "copilot_tools.py"
-_spec = importlib.util.spec_from_file_location("copilot_tools", EXAMPLE)
-tools_demo = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(tools_demo)
+tools_demo = load_script("examples/copilot_tools.py")
 TOOLS, check_calls = tools_demo.TOOLS, tools_demo.check_calls
 
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
-from llmlab.instruct import InstructDataset, read_conversations
+from _scripts import load_script
+from _tiny import tiny_tokenizer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import tiny_tokenizer  # noqa: E402
+from llmlab.instruct import InstructDataset, read_conversations
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
 DATA = EXAMPLES / "data" / "kelvaro.jsonl"
@@ -33,9 +31,7 @@ def test_demo_data_tokenizes_whole() -> None:
 
 
 def test_demo_questions_are_the_held_out_ones() -> None:
-    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_script("examples/demo.py")
     qs = demo.questions()
     assert qs and qs == [c[0]["content"] for c in read_conversations(VAL)][: len(qs)]
     assert demo.CONFIG.is_file()

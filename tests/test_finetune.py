@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import task_records, tiny_checkpoint, write_jsonl
 
 from llmlab.checkpoint import load_checkpoint
 from llmlab.cli import main
 from llmlab.errors import LLMLabError
-from llmlab.finetune import finetune, make_method
-from llmlab.methods.lora import load_adapter
+from llmlab.finetune import finetune
+from llmlab.methods import load_adapter, make_method
 from llmlab.metrics import read_metrics
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import task_records, tiny_checkpoint, write_jsonl  # noqa: E402
 
 TRAIN = ["--train.max_steps", "40", "--train.warmup_steps", "2", "--train.batch_size", "8", "--train.seq_len", "64",
          "--train.eval_every", "0", "--train.eval_batches", "2", "--train.save_every", "0", "--train.log_every", "5"]

@@ -23,7 +23,9 @@ from llmlab.cli import main
 from llmlab.errors import LLMLabError
 from llmlab.gguf_export import PRE_TOKENIZER_NAMES, export_gguf, export_lora_gguf, pre_tokenizer_name
 from llmlab.gguf_import import hf_tensor_name, import_gguf, open_gguf, read_gguf, unpermute_qk
-from llmlab.methods.lora import LoRA, adapter_params, apply_lora, load_adapter
+from llmlab.methods import load_adapter
+from llmlab.methods.adapters import adapter_params
+from llmlab.methods.lora import LoRA, apply_lora
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
 

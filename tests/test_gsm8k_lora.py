@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 ROOT = Path(__file__).parent.parent
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("gsm8k_lora", ROOT / "benchmarks" / "gsm8k_lora.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/gsm8k_lora.py")
 
 
 @pytest.mark.parametrize("text, number", [

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import task_records, tiny_tokenizer, write_jsonl
 
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.instruct import InstructDataset, read_conversations, tokenize_conversation
-from llmlab.methods import IGNORE_INDEX, Full, next_token_loss
+from llmlab.losses import IGNORE_INDEX, next_token_loss
+from llmlab.methods import Full
 from llmlab.methods.base import model_inputs
 from llmlab.model import build_model
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import task_records, tiny_tokenizer, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")

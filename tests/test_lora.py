@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import task_records, tiny_checkpoint, write_jsonl
 
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
 from llmlab.errors import LLMLabError
+from llmlab.methods import load_adapter
+from llmlab.methods.adapters import adapter_params
 from llmlab.methods.lora import (
     LoRA,
     LoRALinear,
-    adapter_params,
     apply_lora,
-    load_adapter,
     merge_and_unload,
     merge_lora,
     unmerge_lora,
 )
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import task_records, tiny_checkpoint, write_jsonl  # noqa: E402
 
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -190,7 +187,7 @@ def test_lora_run_resumes_exactly(ckpt: Path, tmp_path: Path) -> None:
 def test_adapter_finds_its_base_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    from llmlab.finetune import make_method
+    from llmlab.methods import make_method
     from llmlab.hub import record_hub_source
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

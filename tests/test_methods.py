@@ -3,22 +3,19 @@ base model, each lowers held-out loss on a tiny task, adapter folders load back,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _tiny import changed_after_steps, task_records, tiny_checkpoint, write_jsonl
 
 from llmlab.args import BottleneckConfig, FreezeConfig, TrainConfig
 from llmlab.checkpoint import load_checkpoint
 from llmlab.cli import main
 from llmlab.errors import LLMLabError
-from llmlab.finetune import apply_adapter, finetune
-from llmlab.methods import Adapter, Freeze
+from llmlab.finetune import finetune
+from llmlab.methods import Bottleneck, Freeze, load_adapter
 from llmlab.metrics import read_metrics
-
-sys.path.insert(0, str(Path(__file__).parent))
-from _tiny import changed_after_steps, task_records, tiny_checkpoint, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +40,11 @@ def test_adapter_changes_only_adapters_and_starts_from_the_base(setup: tuple[Pat
     ckpt, data = setup
     ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     base = load_checkpoint(ckpt)
-    adapted = Adapter(BottleneckConfig(dim=4)).prepare(load_checkpoint(ckpt)).eval()
+    adapted = Bottleneck(BottleneckConfig(dim=4)).prepare(load_checkpoint(ckpt)).eval()
     with torch.no_grad():
         torch.testing.assert_close(adapted(ids), base(ids), atol=0, rtol=0)  # zero up-projection: the base model
     assert "model.layers.0.self_attn.o_proj.weight" in adapted.state_dict()  # base names kept
-    changed, trained = changed_after_steps(ckpt, data, Adapter(BottleneckConfig(dim=4)))
+    changed, trained = changed_after_steps(ckpt, data, Bottleneck(BottleneckConfig(dim=4)))
     assert changed == trained and len(trained) == 2 * 2 * 4  # 2 blocks x (attn, mlp) x (down, up) x (w, b)
     assert all(".adapter_" in n for n in changed)
 
@@ -69,11 +66,11 @@ def test_method_lowers_held_out_loss(setup: tuple[Path, Path], tmp_path: Path, m
     if method == "adapter":  # the adapters alone are saved, and load back on the base model
         final = run / "final"
         assert not (final / "model.safetensors").exists()
-        model = apply_adapter(load_checkpoint(ckpt), final)
+        model = load_adapter(load_checkpoint(ckpt), final)
         assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if ".adapter_up." in n)
         assert main(["merge", str(ckpt), str(final), "--out", str(tmp_path / "m")]) == 2
         with pytest.raises(LLMLabError, match="made for another base model"):
-            apply_adapter(load_checkpoint(tiny_checkpoint(tmp_path / "other", seed=5)), final)
+            load_adapter(load_checkpoint(tiny_checkpoint(tmp_path / "other", seed=5)), final)
 
 
 def test_resume_of_an_adapter_run(setup: tuple[Path, Path], tmp_path: Path) -> None:
@@ -98,6 +95,6 @@ def test_bad_method_options(setup: tuple[Path, Path], tmp_path: Path) -> None:
     with pytest.raises(LLMLabError, match="leave nothing to train"):
         Freeze(FreezeConfig(top_blocks=0, train_norm=False)).prepare(model)
     with pytest.raises(LLMLabError, match="'dim' must be a positive integer"):
-        Adapter(BottleneckConfig(dim=0))
+        Bottleneck(BottleneckConfig(dim=0))
     with pytest.raises(LLMLabError, match="'activation' must be gelu, silu or relu"):
-        Adapter(BottleneckConfig(activation="tanh"))
+        Bottleneck(BottleneckConfig(activation="tanh"))

@@ -12,7 +12,8 @@ import pytest
 from _rag import tiny_long_checkpoint
 
 from llmlab.errors import LLMLabError
-from llmlab.generate import ChatSession, SamplingParams, load_for_generation
+from llmlab.generate import ChatSession, SamplingParams
+from llmlab.loading import load_for_inference
 from llmlab.plugins import Plugin, PluginContext, available_plugins, builtin, load_plugins, run_plugin
 from llmlab.plugins.builtin import calculate, now
 from llmlab.plugins.calling import ToolChat, parse_tool_calls, select_tools, template_messages
@@ -183,7 +184,7 @@ def test_tool_choice_errors():
 # -- the loop ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_session(tmp_path_factory):
-    model, tok, _ = load_for_generation(tiny_long_checkpoint(tmp_path_factory.mktemp("p") / "m"))
+    model, tok, _ = load_for_inference(tiny_long_checkpoint(tmp_path_factory.mktemp("p") / "m"))
     return lambda: ChatSession(model, tok, max_new_tokens=60, sampling=SamplingParams(temperature=1.0, seed=0))
 
 

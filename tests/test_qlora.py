@@ -16,7 +16,7 @@ from llmlab.checkpoint import llmlab_to_hf, load_checkpoint, save_checkpoint
 from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
-from llmlab.methods.lora import load_adapter
+from llmlab.methods import load_adapter
 from llmlab.metrics import read_metrics
 from llmlab.model import build_model
 

@@ -167,8 +167,7 @@ def test_interrupted_run_leaves_the_previous_index(docs, embedder, tmp_path):
 
 
 KILLED_RUN = """
-import sys, time
-sys.path.insert(0, {tests!r})
+import time
 from pathlib import Path
 from _rag import HashEmbedder
 from llmlab.rag.index import build_index
@@ -187,8 +186,10 @@ def test_killed_run_leaves_the_previous_index_searchable(docs, embedder, tmp_pat
     build_index([docs], out, embedder=embedder, progress=False)
     (docs / "volcano.md").write_text("Mount Keldar is dormant now.\n")
     (docs / "more.md").write_text("Another file.\n")
-    script = KILLED_RUN.format(tests=str(Path(__file__).parent), docs=str(docs), out=str(out))
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    script = KILLED_RUN.format(docs=str(docs), out=str(out))
+    tests = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(tests)}  # the child imports _rag as the tests do
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout.readline().strip() == "embedding"  # inside the write transaction
         index = open_index(out, embedder=embedder)  # readers still see the last committed index meanwhile

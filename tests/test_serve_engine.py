@@ -19,7 +19,8 @@ from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
 from llmlab.errors import LLMLabError
 from llmlab.generate import SamplingParams, generate
-from llmlab.methods.lora import load_adapter, save_adapter
+from llmlab.methods import load_adapter
+from llmlab.methods.lora import save_adapter
 from llmlab.serve import load_engine, parse_adapters
 from llmlab.serve.engine import Engine, GenerationRequest, QueueFull
 from llmlab.serve.lora_multi import MultiLoRA

@@ -95,6 +95,7 @@ class TrainConfig:
             raise LLMLabError(f"training option 'stop_at' must be a positive step, got {self.stop_at!r}")
 
 
+METHOD_NAMES = ("full", "freeze", "adapter", "lora", "qlora")  # `finetune --method`: llmlab.methods.METHODS' keys
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 

@@ -1,12 +1,16 @@
 """HF-format checkpoint folders: `config.json` + `model.safetensors` (or shards + index), HF tensor names.
 
 The model fuses q/k/v and gate/up projections; `hf_to_llmlab` and `llmlab_to_hf` are the one place that maps
-between its names and the names on disk.
+between its names and the names on disk. Model, adapter and teacher-cache safetensors files are read through
+`read_safetensors` (one error for a truncated or corrupt file), and every dtype name (`--dtype`, `teacher_dtype`,
+stored dtypes) becomes a dtype in `dtype_from_name`. Loading a checkpoint to run it (device, dtype, adapters) is
+`llmlab.loading`'s.
 
 Writing folders, the one place for it: a folder is written into a temporary sibling `.NAME.tmp-*` and renamed into
 place (`atomic_folder`), and deleted by renaming it to a hidden `.NAME.old-*` sibling first (`remove_folder`), so a
 kill -9 never leaves a half-written or half-deleted folder under a name that looks complete; `sweep_leftovers` removes
-such hidden siblings later. A command's output folder (`output_folder`) also carries a small manifest
+such hidden siblings later. Every saved model or adapter folder ends the same way (`write_folder`: the tokenizer's files
+and any extra files, then the rename). A command's output folder (`output_folder`) also carries a small manifest
 (`llmlab_output.json`: the command and the files it wrote), which is how an earlier output of the same command is told
 apart from a folder of someone else's files that must not be replaced without --overwrite.
 """
@@ -38,11 +42,22 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    """The torch dtype called `name` (float32, bfloat16 or float16)."""
-    if name not in DTYPES:
-        raise LLMLabError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+def default_dtype(device: torch.device) -> torch.dtype:
+    """What dtype `auto` means for a model run on `device`: bfloat16 on CUDA, float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def dtype_from_name(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype called `name`: float32, bfloat16 or float16, as stored in a folder; with the `device` a model
+    will run on, also `auto` (`default_dtype`), as the --dtype option of the commands that run one takes it. The one
+    place dtype names become dtypes."""
+    if device is not None and name == "auto":
+        return default_dtype(device)
+    if name in DTYPES:
+        return DTYPES[name]
+    if device is not None:
+        raise LLMLabError(f"--dtype: expected auto, {', '.join(DTYPES)}; got '{name}'")
+    raise LLMLabError(f"unknown dtype '{name}'; expected one of {', '.join(DTYPES)}")
 
 
 # -- name mapping ------------------------------------------------------------------------------------
@@ -115,16 +130,22 @@ def _weight_files(folder: Path) -> list[Path]:
     raise LLMLabError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+def read_safetensors(path: str | Path, with_metadata: bool = False) -> Any:
+    """The tensors of one safetensors file (memory-mapped), and its metadata with `with_metadata`: the one place a
+    truncated or corrupt file becomes a clear error."""
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+            return (tensors, fh.metadata() or {}) if with_metadata else tensors
+    except (SafetensorError, OSError, ValueError) as e:
+        raise LLMLabError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+
+
 def load_safetensors(folder: str | Path) -> dict[str, Tensor]:
     """All tensors of a checkpoint folder (memory-mapped by safetensors), with HF names."""
     sd: dict[str, Tensor] = {}
     for f in _weight_files(Path(folder)):
-        try:
-            with safe_open(str(f), framework="pt") as fh:
-                for k in fh.keys():
-                    sd[k] = fh.get_tensor(k)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LLMLabError(f"{f}: cannot read safetensors file (truncated or corrupt?): {e}") from e
+        sd.update(read_safetensors(f))
     return sd
 
 
@@ -198,6 +219,20 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextmanager
+def write_folder(folder: str | Path, tokenizer: Any = None,
+                 extra_files: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Write a model or adapter folder atomically: the caller puts its own files into the temporary folder this yields;
+    then the tokenizer's files and `extra_files(tmp)` (e.g. a training checkpoint's state) join them, and the folder
+    replaces `folder` in one rename. The one ending every saved folder shares."""
+    with atomic_folder(folder) as tmp:
+        yield tmp
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        if extra_files is not None:
+            extra_files(tmp)
 
 
 def _set_aside(path: Path) -> Path:
@@ -331,14 +366,10 @@ def save_checkpoint(model: LLaMA, folder: str | Path, tokenizer: Any = None, dty
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     hf_sd = llmlab_to_hf(sd, config)
     hf_sd = {k: (v.to(dtype) if dtype is not None else v).contiguous().cpu() for k, v in hf_sd.items()}
-    with atomic_folder(folder) as tmp:
+    with write_folder(folder, tokenizer, extra_files) as tmp:
         save_file(hf_sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         out_config = config.to_hf_dict()
         out_config["torch_dtype"] = str(next(iter(hf_sd.values())).dtype).removeprefix("torch.")
         write_json(tmp / "config.json", out_config)
         write_json(tmp / "generation_config.json", generation or generation_config(config))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if extra_files is not None:
-            extra_files(tmp)
     return Path(folder)

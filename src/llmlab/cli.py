@@ -215,16 +215,14 @@ def _copilot_session(session, index: Path | None, plugins: str | list[str] | Non
 def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature: float | None, top_k: int | None,
                          top_p: float | None, repetition_penalty: float | None, seed: int | None,
                          stop: str | list[str] | None, adapter: Path | None = None) -> tuple:
-    """Model (with its LoRA adapter, if any), tokenizer, sampling parameters, EOS ids and stop strings for
+    """Model (with its adapter, if any), tokenizer, sampling parameters, EOS ids and stop strings for
     `generate` and `chat`."""
-    from llmlab.generate import SamplingParams, eos_token_ids, load_for_generation
+    from llmlab.generate import SamplingParams, eos_token_ids
+    from llmlab.loading import load_for_inference
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    model, tokenizer, gen_config = load_for_generation(checkpoint, device=device, dtype=dtype)
-    if adapter is not None:
-        from llmlab.finetune import apply_adapter
-
-        apply_adapter(model, adapter)
+    model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device=device,
+                                                      dtype=dtype)
     sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed)
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
@@ -546,7 +544,7 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "search": search,
 }
 
-_REPEATABLE = {"serve": ("--adapter", "--allowed_hosts")}  # list options that a repeated flag extends instead of replacing
+_REPEATABLE = {"serve": ("--adapter", "--allowed_hosts")}  # list options a repeated flag extends, not replaces
 _SHORT_OPTIONS = {"search": {"-k": "--k"}}  # one-letter options some commands accept
 _PATH_LISTS = ("index",)  # commands whose one positional takes several paths
 _BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "null")  # what jsonargparse reads as a bool (or None)

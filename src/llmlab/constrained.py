@@ -24,6 +24,7 @@ import copy
 import json
 from typing import Any
 
+import llguidance
 import numpy as np
 import torch
 from torch import Tensor
@@ -42,8 +43,6 @@ _SUBSCHEMA_MAPS = {"properties", "patternProperties", "$defs", "definitions", "d
 
 def _ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> Any:
     """llguidance's view of our tokenizer (about a second to build, so cached per tokenizer and vocabulary size)."""
-    import llguidance
-
     key = (id(tokenizer.backend), vocab_size)
     if key not in _LL_TOKENIZERS:
         if tokenizer.eos_id is None:
@@ -117,8 +116,6 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
     """An llguidance grammar for one JSON value matching `schema` (compact: no whitespace between tokens)."""
-    import llguidance
-
     return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_compact(bounded_schema(schema))))
 
 
@@ -137,8 +134,6 @@ def tool_call_grammar(tools: list[dict[str, Any]], allow_text: bool) -> str:
     """Lark grammar: `<tool_call>{"name": ..., "arguments": ...}</tool_call>` with JSON matching the named tool's
     parameter schema; with `allow_text`, a plain-text reply (not starting with '<') is the other choice (the only
     one when `tools` is empty)."""
-    import llguidance
-
     if not tools and not allow_text:
         raise LLMLabError("a tool call grammar needs at least one tool, or plain text allowed")
     lines = []
@@ -159,8 +154,6 @@ class GrammarLogitsProcessor:
     call are fed to the parser first. When the grammar is complete only EOS stays allowed."""
 
     def __init__(self, tokenizer: Tokenizer, grammar: str, vocab_size: int | None = None) -> None:
-        import llguidance
-
         self.vocab_size = vocab_size or tokenizer.vocab_size
         self.matcher = llguidance.LLMatcher(_ll_tokenizer(tokenizer, self.vocab_size), grammar, log_level=0)
         if self.matcher.is_error():

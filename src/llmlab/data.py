@@ -26,9 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
+from llmlab.checkpoint import check_output, output_folder, write_json
 from llmlab.errors import LLMLabError
-from llmlab.tokenizer import Tokenizer
+from llmlab.jsonl import iter_jsonl
+from llmlab.tokenizer import Tokenizer, train_bpe_tokenizer
 
 Batch = dict[str, Tensor]
 """A training batch: `input_ids` (B, T) and `labels` (B, T) int64, where label -100 means "no loss here"."""
@@ -79,25 +82,18 @@ def iter_pieces(files: Sequence[Path], text_field: str = "text") -> Iterator[Pie
 
 
 def _jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
-    with path.open("rb") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LLMLabError(f"{path}:{lineno}: not valid JSON: {e}") from e
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise LLMLabError(f"{path}:{lineno}: no '{text_field}' field (found {keys}); "
-                                  "name the text field with --text-field")
-            text = record[text_field]
-            if not isinstance(text, str):
-                raise LLMLabError(f"{path}:{lineno}: field '{text_field}' must be a string, "
-                                  f"got {type(text).__name__}")
-            if text:
-                yield Piece(text, True, True, len(line))
-            # an empty document adds nothing, not even an EOS
+    for lineno, record, nbytes in iter_jsonl(path):
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise LLMLabError(f"{path}:{lineno}: no '{text_field}' field (found {keys}); "
+                              "name the text field with --text-field")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise LLMLabError(f"{path}:{lineno}: field '{text_field}' must be a string, "
+                              f"got {type(text).__name__}")
+        if text:
+            yield Piece(text, True, True, nbytes)
+        # an empty document adds nothing, not even an EOS
 
 
 def _text_pieces(path: Path) -> Iterator[Piece]:
@@ -139,11 +135,6 @@ def prepare(corpus: Sequence[str | Path], out_dir: str | Path, tokenizer: str | 
     (the vocabulary size of a new byte-level BPE trained on this corpus). DATA_DIR may be missing, empty or an
     earlier output of `prepare`; any other folder is replaced only with `overwrite` (`llmlab.checkpoint.check_output`).
     """
-    from tqdm import tqdm
-
-    from llmlab.checkpoint import check_output, output_folder, write_json
-    from llmlab.tokenizer import train_bpe_tokenizer
-
     if (tokenizer is None) == (train_tokenizer is None):
         raise LLMLabError("give exactly one of --tokenizer CKPT (reuse its tokenizer) and --train-tokenizer "
                           "VOCAB_SIZE (train a new one on the corpus)")

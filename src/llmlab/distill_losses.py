@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from llmlab.args import LOSS_NAMES
 from llmlab.errors import LLMLabError
-from llmlab.methods.base import IGNORE_INDEX, next_token_loss
+from llmlab.losses import IGNORE_INDEX, next_token_loss
 
 MIN_LOG_PROB = math.log(1e-30)  # floor of the teacher's "other tokens" log-probability (see log_distributions)
 

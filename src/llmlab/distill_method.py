@@ -27,13 +27,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from llmlab.args import DistillConfig, TrainConfig
+from llmlab.checkpoint import dtype_from_name, load_checkpoint, read_safetensors
 from llmlab.config import ModelConfig
+from llmlab.data import TokenDataset
 from llmlab.distill_losses import DistillLoss, TopK, make_divergence
 from llmlab.errors import LLMLabError
-from llmlab.methods.base import IGNORE_INDEX, model_inputs, state_dict_to_model
+from llmlab.generate import SamplingParams, generate_tokens
+from llmlab.instruct import InstructDataset
+from llmlab.losses import IGNORE_INDEX
+from llmlab.methods.base import model_inputs, state_dict_to_model
 from llmlab.methods.full import Full
 from llmlab.model import LLaMA, build_model
 from llmlab.tokenizer import Tokenizer
@@ -98,8 +105,6 @@ def check_same_tokenizer(teacher: Tokenizer, other: Tokenizer, teacher_name: str
 def make_student(spec: str | Path | None, layers: str | list[int] | None, teacher: LLaMA, teacher_name: str,
                  teacher_tokenizer: Tokenizer, seed: int = 0) -> LLaMA:
     """The student of a `--student` PRESET|config.yaml|CKPT or `--student-layers` SPEC (see the module doc)."""
-    from llmlab.checkpoint import load_checkpoint
-
     tcfg = teacher.config
     if layers is not None:
         if spec not in (None, "", "teacher"):
@@ -183,8 +188,6 @@ class TeacherCache:
     def build(cls, teacher_fn: Any, data: Any, batch_size: int, meta: dict[str, str], top_k: int,
               temperature: float) -> TeacherCache:
         """Run the teacher once over epoch 0 of `data` (every training sample once) and keep its top-k."""
-        from tqdm import tqdm
-
         n = num_train_samples(data)
         keys: list[int] = []
         offsets, logprobs, indices = [0], [], []
@@ -208,8 +211,6 @@ class TeacherCache:
 
     def save(self, path: Path) -> None:
         """Write the file atomically (a temporary sibling renamed into place)."""
-        from safetensors.torch import save_file
-
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         os.close(fd)
@@ -226,15 +227,10 @@ class TeacherCache:
     @classmethod
     def load(cls, path: Path, meta: dict[str, str]) -> TeacherCache:
         """Read a cache file; raise a clear error when it was made by another teacher, k or temperature."""
-        from safetensors import SafetensorError, safe_open
-
         try:
-            with safe_open(str(path), framework="pt") as fh:
-                found = fh.metadata() or {}
-                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as e:
-            raise LLMLabError(f"{path}: cannot read the teacher cache (truncated or corrupt?): {e}; delete it to "
-                              "rebuild it") from e
+            tensors, found = read_safetensors(path, with_metadata=True)
+        except LLMLabError as e:
+            raise LLMLabError(f"cannot read the teacher cache: {e}; delete it to rebuild it") from e
         differ = {k: (found.get(k), v) for k, v in meta.items() if found.get(k) != v}
         if differ:
             what = ", ".join(f"{k} {a!r} (this run: {b!r})" for k, (a, b) in differ.items())
@@ -300,9 +296,7 @@ class DistillMethod(Full):
                               f"{self.teacher.config.vocab_size}: their logits must cover the same tokens")
         self.student = model
         device = model.lm_head.weight.device
-        name = self.kd.teacher_dtype
-        dtype = (torch.bfloat16 if device.type == "cuda" else torch.float32) if name == "auto" else \
-            getattr(torch, name)
+        dtype = dtype_from_name(self.kd.teacher_dtype, device)
         self.teacher.requires_grad_(False)
         self.teacher = self.teacher.to(device=device, dtype=dtype).eval()
         if self.kd.cache:
@@ -365,8 +359,6 @@ class DistillMethod(Full):
         data), else its first half (a text corpus). Sampling draws its seed from torch's RNG, which the loop saves
         in checkpoints, so a resumed run samples the same continuations.
         """
-        from llmlab.generate import SamplingParams, generate_tokens
-
         student = self.student
         if student is None:
             raise LLMLabError("DistillMethod.prepare must run before on-policy batches")
@@ -416,9 +408,6 @@ def load_data(data: str | Path, tokenizer: Tokenizer, cfg: TrainConfig, teacher_
               val_data: str | Path | None = None, val_fraction: float = 0.1, template: str = "auto",
               pack: bool = False) -> Any:
     """A prepared token folder (`llmlab prepare`, tokenized by the teacher's tokenizer) or instruction data."""
-    from llmlab.data import TokenDataset
-    from llmlab.instruct import InstructDataset
-
     path = Path(data)
     if path.is_dir():
         dataset = TokenDataset(path, cfg.seq_len, cfg.seed)

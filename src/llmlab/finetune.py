@@ -1,47 +1,26 @@
 """Fine-tuning a checkpoint on instruction data through the one training loop, and merging LoRA adapters.
 
 `finetune` = load an HF-format checkpoint + its tokenizer, read the instruction data (`llmlab.instruct`), pick
-a method (`METHODS`), and run `llmlab.train.train`. RUN_DIR/final is what the method saves: a full model folder
-(full, freeze), an adapter folder (adapter) or a PEFT LoRA folder (lora, qlora). `merge` folds a LoRA adapter into
-its base checkpoint.
+a method (`llmlab.methods.make_method`, the registry), and run `llmlab.train.train`. RUN_DIR/final is what the
+method saves: a full model folder (full, freeze), a bottleneck adapter folder (adapter) or a PEFT LoRA folder (lora,
+qlora). `merge` folds a LoRA adapter into its base checkpoint.
 
-`finetune` is both the library function and the command: its signature and docstring are the command's options and
-help (`llmlab.cli`), so this module imports torch only inside its functions.
+`finetune` and `merge` are both the library functions and the commands: their signatures and docstrings are the
+commands' options and help (`llmlab.cli`), so this module imports torch only inside its functions.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from llmlab.args import BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
+from llmlab.args import METHOD_NAMES, BottleneckConfig, FreezeConfig, LoRAConfig, TrainConfig
 from llmlab.errors import LLMLabError
-
-METHODS = ("full", "freeze", "adapter", "lora", "qlora")
-
-
-def make_method(name: str, base_model: str | None = None, lora: LoRAConfig | None = None,
-                freeze: FreezeConfig | None = None, bottleneck: BottleneckConfig | None = None) -> Any:
-    """The training method called `name`, configured from its option group."""
-    from llmlab.methods import Adapter, Freeze, Full, LoRA
-    from llmlab.methods.qlora import QLoRA
-
-    if name == "full":
-        return Full()
-    if name == "freeze":
-        return Freeze(freeze)
-    if name == "adapter":
-        return Adapter(bottleneck, base_model=base_model)
-    if name == "lora":
-        return LoRA(lora or LoRAConfig(), base_model=base_model)
-    if name == "qlora":
-        return QLoRA(lora or LoRAConfig(), base_model=base_model)
-    raise LLMLabError(f"--method must be one of {', '.join(METHODS)}, got {name!r}")
 
 
 def finetune(checkpoint: Path, *, data: Path, out: Path,
-             method: Literal["full", "freeze", "adapter", "lora", "qlora"] = "lora", lora: LoRAConfig = LoRAConfig(),
+             method: Literal[METHOD_NAMES] = "lora", lora: LoRAConfig = LoRAConfig(),
              freeze: FreezeConfig = FreezeConfig(), bottleneck: BottleneckConfig = BottleneckConfig(),
              train: TrainConfig = TrainConfig(), val_data: Path | None = None, val_fraction: float = 0.1,
              template: str = "auto", pack: bool = False, resume: str = "auto") -> Path:
@@ -73,6 +52,7 @@ def finetune(checkpoint: Path, *, data: Path, out: Path,
     # torch-heavy imports stay inside: llmlab.cli imports this module to build `llmlab --help` without torch
     from llmlab.checkpoint import load_checkpoint
     from llmlab.instruct import InstructDataset
+    from llmlab.methods import make_method
     from llmlab.tokenizer import Tokenizer
     from llmlab.train import train as train_loop
 
@@ -93,21 +73,6 @@ def finetune(checkpoint: Path, *, data: Path, out: Path,
     return Path(out)
 
 
-def apply_adapter(model: Any, folder: str | Path) -> Any:
-    """Put the adapter of `folder` (a PEFT LoRA folder or an llmlab bottleneck adapter folder) on `model`, unmerged."""
-    import json
-
-    from llmlab.methods.adapter import ADAPTER_TYPE, load_adapters
-    from llmlab.methods.lora import ADAPTER_CONFIG, load_adapter
-
-    path = Path(folder) / ADAPTER_CONFIG
-    try:
-        kind = json.loads(path.read_text()).get("adapter_type") if path.is_file() else None
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise LLMLabError(f"{path}: not a JSON object: {e}") from e
-    return load_adapters(model, folder) if kind == ADAPTER_TYPE else load_adapter(model, folder)
-
-
 def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: str | None = None,
           overwrite: bool = False) -> Path:
     """Write CHECKPOINT with the LoRA adapter folded into its weights, as an HF-format folder (no adapter needed).
@@ -120,17 +85,18 @@ def merge(checkpoint: str | Path, adapter: str | Path, out: str | Path, dtype: s
         output_folder,
         save_checkpoint,
     )
-    from llmlab.methods.lora import load_adapter, merge_and_unload
+    from llmlab.methods import LoRA
+    from llmlab.methods.adapters import BOTTLENECK, adapter_kind
+    from llmlab.methods.lora import merge_and_unload
     from llmlab.tokenizer import Tokenizer
 
-    if (Path(adapter) / "adapter_config.json").is_file() and '"bottleneck"' in (Path(adapter) /
-                                                                                 "adapter_config.json").read_text():
+    if adapter_kind(adapter) == BOTTLENECK:
         raise LLMLabError(f"{adapter} holds bottleneck adapters, which are nonlinear and cannot be merged into the "
                           "weights; use it with --adapter instead")
     with output_folder(out, "merge", overwrite) as tmp:
         model = load_checkpoint(checkpoint)
         stored = next(iter(model.state_dict().values())).dtype
-        merge_and_unload(load_adapter(model, adapter))
+        merge_and_unload(LoRA.load(model, adapter))
         save_checkpoint(model, tmp, tokenizer=Tokenizer.from_folder(checkpoint),
                         dtype=dtype_from_name(dtype) if dtype else stored,
                         generation=load_generation_config(checkpoint) or None)

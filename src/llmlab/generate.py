@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -487,42 +486,10 @@ class ChatSession:
         return ids
 
 
-# -- loading -------------------------------------------------------------------------------------------
+# -- stopping ------------------------------------------------------------------------------------------
 def eos_token_ids(tokenizer: Tokenizer, gen_config: dict[str, Any]) -> set[int]:
     """The ids that end a generation: the tokenizer's EOS token plus generation_config.json's eos_token_id(s)."""
     ids = _default_eos(tokenizer)
     value = gen_config.get("eos_token_id")
     ids.update(value if isinstance(value, list) else [] if value is None else [value])
     return ids
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available, else CPU; otherwise a torch device string."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise LLMLabError(f"--device: '{name}' is not a device (expected auto, cpu, cuda or cuda:N)") from e
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA and float32 elsewhere; else one of float32, bfloat16, float16."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    from llmlab.checkpoint import DTYPES
-
-    if name not in DTYPES:
-        raise LLMLabError(f"--dtype: expected auto, {', '.join(DTYPES)}; got '{name}'")
-    return DTYPES[name]
-
-
-def load_for_generation(folder: str | Path, device: str = "auto",
-                        dtype: str = "auto") -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
-    """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder."""
-    from llmlab.checkpoint import load_checkpoint, load_generation_config
-
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    model = load_checkpoint(folder, device=dev, dtype=torch_dtype)
-    return model, Tokenizer.from_folder(folder), load_generation_config(folder)

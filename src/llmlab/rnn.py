@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from llmlab.checkpoint import load_safetensors, write_folder, write_json
+from llmlab.config import PRESETS, read_config_mapping
 from llmlab.errors import LLMLabError
 from llmlab.methods.full import Full
 
@@ -62,8 +65,6 @@ class LSTMConfig:
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> LSTMConfig:
         """The LSTM preset called exactly `name`; a LLaMA preset name gets a hint to use --arch llama."""
-        from llmlab.config import PRESETS
-
         if name not in LSTM_PRESETS:
             if name in PRESETS:
                 raise LLMLabError(f"model preset '{name}' is a LLaMA preset, not an LSTM one: use --arch llama, or an "
@@ -93,8 +94,6 @@ class LSTMConfig:
     @classmethod
     def from_spec(cls, spec: str | Path) -> LSTMConfig:
         """An LSTM preset name, or a config file (YAML/JSON of fields, a `preset:` key) or model folder."""
-        from llmlab.config import read_config_mapping
-
         path = Path(spec)
         if path.is_dir():
             path = path / "config.json"
@@ -171,26 +170,16 @@ def _file_names(state_dict: dict[str, Tensor], config: LSTMConfig) -> list[str]:
 def save_lstm(model: LSTMLM, folder: str | Path, tokenizer: Any = None, state_dict: dict[str, Tensor] | None = None,
               extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write the model folder atomically: config.json (model_type llmlab-lstm), model.safetensors, tokenizer."""
-    from safetensors.torch import save_file
-
-    from llmlab.checkpoint import atomic_folder, write_json
-
     sd = state_dict if state_dict is not None else model.state_dict()
     tensors = {k: sd[k].detach().contiguous().cpu() for k in _file_names(sd, model.config)}
-    with atomic_folder(folder) as tmp:
+    with write_folder(folder, tokenizer, extra_files) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", model.config.to_dict())
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if extra_files is not None:
-            extra_files(tmp)
     return Path(folder)
 
 
 def read_lstm_state(folder: str | Path, config: LSTMConfig) -> dict[str, Tensor]:
     """The model tensors of an LSTM folder, checked against `config` (names and shapes), tied head restored."""
-    from llmlab.checkpoint import load_safetensors
-
     sd = load_safetensors(folder)
     with torch.device("meta"):
         ref = LSTMLM(config).state_dict()

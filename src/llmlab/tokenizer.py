@@ -18,7 +18,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from llmlab.errors import LLMLabError
 
@@ -218,9 +221,6 @@ _TEMPLATES: dict[str, Any] = {}
 
 def _compiled_template(source: str) -> Any:
     if source not in _TEMPLATES:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
         def raise_exception(message: str) -> None:
             raise LLMLabError(f"chat template: {message}")
 
@@ -246,8 +246,6 @@ def train_bpe_tokenizer(source: Iterable[str] | Sequence[Path], vocab_size: int,
     plain-text files. The special tokens take the first ids, in the order pad, bos, eos, extras (0, 1, 2 with the
     defaults, the ids LLaMA-style configs use for bos and eos). The result has no chat template and adds no BOS.
     """
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
     specials = list(dict.fromkeys([pad_token, bos_token, eos_token, *extra_special_tokens]))
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if vocab_size < len(alphabet) + len(specials):

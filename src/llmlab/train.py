@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llmlab.args import TrainConfig
+from llmlab.checkpoint import check_folder_path, default_dtype, remove_folder, sweep_leftovers, write_json
 from llmlab.errors import LLMLabError
 from llmlab.methods import Method
 from llmlab.metrics import RunLogger
@@ -185,10 +186,10 @@ def _grad_sync(wrapped: nn.Module, raw: nn.Module, env: Env) -> Callable[[bool],
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision option (None = no autocast: plain fp32, or bf16-true)."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
+    """The autocast dtype of a precision option (None = no autocast: plain fp32, or bf16-true); auto autocasts to
+    the device's `default_dtype` unless that is float32."""
+    amp = {"bf16": torch.bfloat16, "auto": default_dtype(device)}.get(precision)
+    return None if amp == torch.float32 else amp
 
 
 def setup_precision(model: nn.Module, method: Method, precision: str, device: torch.device) -> torch.dtype | None:
@@ -312,8 +313,6 @@ def save_training_checkpoint(folder: Path, raw: nn.Module, optimizer: torch.opti
     """Write a resumable checkpoint: the method's model folder plus training_state.{json,safetensors}."""
     from safetensors.torch import save_file
 
-    from llmlab.checkpoint import write_json
-
     model_sd, optim_sd = _full_state(raw, optimizer)
     rng = _rng_states(env)
     if env.main:
@@ -430,8 +429,6 @@ def load_training_checkpoint(folder: Path, raw: nn.Module, optimizer: torch.opti
 
 
 def _prune(run_dir: Path, keep_last: int) -> None:
-    from llmlab.checkpoint import remove_folder
-
     for old in checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         remove_folder(old)
 
@@ -439,8 +436,6 @@ def _prune(run_dir: Path, keep_last: int) -> None:
 def _sweep(run_dir: Path) -> None:
     """Remove what killed runs left in RUN_DIR: temporary folders of interrupted saves (`.step-N.tmp-*`,
     `.final.tmp-*`), checkpoints set aside by an interrupted prune or replace (`.step-N.old-*`), metrics rewrites."""
-    from llmlab.checkpoint import sweep_leftovers
-
     removed = sweep_leftovers(run_dir / CHECKPOINTS, _STEP_DIR) + sweep_leftovers(run_dir, r"final|metrics\.csv")
     if removed:
         print(f"llmlab: removed what interrupted saves left in {run_dir}: {', '.join(p.name for p in removed)}",
@@ -455,8 +450,6 @@ def train(model: nn.Module, method: Method, data: TrainData, config: TrainConfig
     `resume`: `auto` continues from RUN_DIR's latest checkpoint if there is one, `no` refuses to touch a run
     that has checkpoints, a path resumes from that run or checkpoint folder.
     """
-    from llmlab.checkpoint import check_folder_path
-
     cfg = config
     cfg.validate()
     run_dir = Path(run_dir)

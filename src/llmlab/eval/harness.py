@@ -16,15 +16,17 @@ map onto it one to one (loglikelihood, loglikelihood_rolling, generate_until).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  (fills the harness's registry first: it imports its models only when empty)
+import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from llmlab.errors import LLMLabError
 from llmlab.eval.runner import TextModel
+from llmlab.generate import eos_token_ids
+from llmlab.loading import load_for_inference
 
 
 class LLMLabLM(LM):
@@ -37,19 +39,12 @@ class LLMLabLM(LM):
         if text_model is None:
             if not ckpt:
                 raise LLMLabError("lm_eval --model llmlab needs --model_args ckpt=<checkpoint folder>")
-            import torch
-
-            from llmlab.generate import eos_token_ids, load_for_generation
-
             if device and device.startswith("cuda") and not torch.cuda.is_available():
                 # the harness's --device defaults to cuda; on a machine without one, run on the CPU instead
                 print(f"llmlab: --device {device} is not available here; using cpu", file=sys.stderr)
                 device = "cpu"
-            model, tokenizer, gen_config = load_for_generation(ckpt, device=device or "auto", dtype=dtype)
-            if adapter:
-                from llmlab.finetune import apply_adapter
-
-                apply_adapter(model, Path(adapter))
+            model, tokenizer, gen_config = load_for_inference(ckpt, [adapter] if adapter else [],
+                                                              device=device or "auto", dtype=dtype)
             size = int(batch_size) if str(batch_size).isdigit() else 8  # the harness's "auto" -> our default
             text_model = TextModel(model, tokenizer, eos_token_ids(tokenizer, gen_config), batch_size=size)
         self.lm = text_model

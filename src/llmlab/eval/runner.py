@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from llmlab.errors import LLMLabError
 from llmlab.eval import scoring
-from llmlab.eval.tasks import Task, render
+from llmlab.eval.sandbox import SandboxLimits, check, describe, run_program
+from llmlab.eval.taskfile import Task, render
+from llmlab.generate import SamplingParams, generate
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
 
@@ -39,8 +42,6 @@ class TextModel:
 
     def progress_bar(self, total: int, desc: str) -> Any:
         """A tqdm bar on stderr (disabled when progress is off)."""
-        from tqdm import tqdm
-
         return tqdm(total=total, desc=desc, disable=not self.show_progress, leave=False, file=sys.stderr,
                     dynamic_ncols=True)
 
@@ -75,8 +76,6 @@ class TextModel:
                  temperature: float = 0.0, seed: int = 0, desc: str = "generating") -> list[str]:
         """The continuation of each prompt until EOS, a stop string (excluded) or max_new_tokens; batched, with
         prompts of similar length together. Prompts too long for the context keep their end."""
-        from llmlab.generate import SamplingParams, generate
-
         context = self.model.config.max_position_embeddings
         if max_new_tokens >= context:
             raise LLMLabError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context "
@@ -216,8 +215,6 @@ def _generate(task: Task, recs: list[dict], lm: TextModel, prompt: PromptBuilder
 
 
 def _code(task: Task, recs: list[dict], lm: TextModel, prompt: PromptBuilder, seed: int) -> tuple[dict, list]:
-    from llmlab.eval.sandbox import SandboxLimits, check, describe, run_program
-
     check()  # refuse (LLMLabError: what to install) before generating, rather than run the code unprotected
     prompts = []
     for i, rec in enumerate(recs):

@@ -1,4 +1,6 @@
-"""The `Method` base class and the default next-token loss (see `llmlab.methods`)."""
+"""The `Method` base class (see `llmlab.methods`), with the helpers methods share: a batch's model inputs
+(`model_inputs`), the module inside DDP/compile wrappers (`unwrap`), a model around a state dict
+(`state_dict_to_model`)."""
 
 from __future__ import annotations
 
@@ -9,9 +11,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from llmlab.losses import IGNORE_INDEX, next_token_loss
-
-__all__ = ["IGNORE_INDEX", "Method", "model_inputs", "next_token_loss", "state_dict_to_model", "unwrap"]
+from llmlab.losses import next_token_loss
+from llmlab.model import LLaMA
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -39,6 +40,7 @@ class Method:
     """Base class of training methods; the defaults train every parameter with next-token cross-entropy."""
 
     name = "base"
+    option_group: str | None = None  # the command-line option group that configures it (`--lora.*`: "lora")
     saves_frozen = True  # its checkpoints hold the frozen weights too (False: they may be kept in bf16, see train)
 
     def prepare(self, model: nn.Module) -> nn.Module:
@@ -81,8 +83,6 @@ class Method:
 
 def state_dict_to_model(config: Any, state_dict: dict[str, Tensor]) -> nn.Module:
     """A LLaMA holding `state_dict`'s tensors without copying them (built on the meta device)."""
-    from llmlab.model import LLaMA
-
     with torch.device("meta"):
         model = LLaMA(config)
     model.load_state_dict(state_dict, strict=False, assign=True)

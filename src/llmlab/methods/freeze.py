@@ -36,6 +36,7 @@ class Freeze(Full):
     """Train only the top blocks (and the chosen extra modules); everything else keeps its pretrained weights."""
 
     name = "freeze"
+    option_group = "freeze"
 
     def __init__(self, config: FreezeConfig | None = None) -> None:
         self.config = config or FreezeConfig()

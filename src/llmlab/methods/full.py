@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from llmlab.checkpoint import hf_to_llmlab, load_safetensors, save_checkpoint
 from llmlab.methods.base import Method, state_dict_to_model
 
 
@@ -23,15 +24,11 @@ class Full(Method):
 
     def save(self, model: nn.Module, folder: Path, tokenizer: Any = None, state_dict: dict[str, Tensor] | None = None,
              extra_files: Callable[[Path], None] | None = None) -> Path:
-        from llmlab.checkpoint import save_checkpoint
-
         if state_dict is not None:
             model = state_dict_to_model(model.config, state_dict)
         return save_checkpoint(model, folder, tokenizer=tokenizer, extra_files=extra_files)
 
     def load_state(self, model: nn.Module, folder: Path) -> dict[str, Tensor]:
-        from llmlab.checkpoint import hf_to_llmlab, load_safetensors
-
         sd = hf_to_llmlab(load_safetensors(folder), model.config)
         if model.config.tie_word_embeddings and "model.embed_tokens.weight" in sd:
             sd["lm_head.weight"] = sd["model.embed_tokens.weight"]

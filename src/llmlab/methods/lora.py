@@ -8,14 +8,14 @@ that slice of the output), so each adapted slice is exactly one of PEFT's per-pr
 
 On disk an adapter is a PEFT folder: adapter_config.json (peft_type LORA) + adapter_model.safetensors with PEFT's
 key names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), written atomically, so PEFT loads
-what llmlab saves and the other way round. The weights file's metadata (ignored by PEFT) also records a few
-embedding values of the base model, so an adapter put on another base of the same shape is refused.
-`merge_lora` folds B A into W0 for inference without extra latency; `unmerge_lora` takes it out again.
+what llmlab saves and the other way round; the folder plumbing (files, the base probe that refuses an adapter put on
+another base of the same shape, loading) is `llmlab.methods.adapters`', and this module gives the LoRA pieces: the
+names on disk, the config, the module. `merge_lora` folds B A into W0 for inference without extra latency;
+`unmerge_lora` takes it out again.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Callable
@@ -28,16 +28,29 @@ from torch import Tensor, nn
 
 from llmlab.args import LORA_TARGETS, LoRAConfig
 from llmlab.errors import LLMLabError
-from llmlab.methods.base import Method
+from llmlab.methods.adapters import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LORA,
+    AdapterFiles,
+    AddedModulesMethod,
+    base_model_reference,
+    read_adapter_files,
+    wrap_linear,
+    write_adapter_files,
+)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 # where each target lives: (module path inside a block, fused module attribute, slice index within it)
 _MODULE_OF = {"q": ("self_attn", "qkv_proj", 0), "k": ("self_attn", "qkv_proj", 1), "v": ("self_attn", "qkv_proj", 2),
               "o": ("self_attn", "o_proj", 0), "gate": ("mlp", "gate_up_proj", 0), "up": ("mlp", "gate_up_proj", 1),
               "down": ("mlp", "down_proj", 0)}
 _PEFT_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)_proj\.lora_([AB])\.weight$")
+
+
+def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
+    """The factor of B A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / (math.sqrt(r) if rslora else r)
 
 
 class LoRALinear(nn.Module):
@@ -50,7 +63,7 @@ class LoRALinear(nn.Module):
         self.weight = base.weight  # the base parameter, same name: base checkpoints load unchanged
         self.bias = base.bias
         self.slices = dict(slices)
-        self.scale = {n: alpha / (math.sqrt(r) if rslora else r) for n, r in ranks.items()}
+        self.scale = {n: lora_scale(alpha, r, rslora) for n, r in ranks.items()}
         dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
                                         for n, r in ranks.items()})
@@ -62,6 +75,10 @@ class LoRALinear(nn.Module):
         self.dropout = dropout
         self.merged = False
         self._order = sorted(self.slices, key=lambda n: self.slices[n][0])  # targets by first output row
+
+    def adapter_params(self) -> list[str]:
+        """The A and B of every target (the base weight and bias stay frozen)."""
+        return [f"lora_A.{n}" for n in self.lora_A] + [f"lora_B.{n}" for n in self.lora_B]
 
     def delta(self, name: str) -> Tensor:
         """scale * B A of one target: the update of its rows of the weight, in fp32."""
@@ -132,6 +149,12 @@ def projection_slices(model: nn.Module, fused: str) -> list[tuple[int, int]]:
     return [(0, out)]
 
 
+def target_rows(model: nn.Module, target: str) -> tuple[int, int]:
+    """The output rows (start, end) of the projection `target` (q, k, ..., down) inside its module of a block."""
+    _, fused, index = _MODULE_OF[target]
+    return projection_slices(model, fused)[index]
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig, ranks: dict[str, int] | None = None,
                cls: type[LoRALinear] = LoRALinear) -> nn.Module:
     """Wrap the targeted projections of every block in `cls` (LoRALinear), in place; returns the model.
@@ -149,32 +172,15 @@ def apply_lora(model: nn.Module, config: LoRAConfig, ranks: dict[str, int] | Non
         raise LLMLabError(f"LoRA targets {targets} match no module: the model has no model.layers blocks")
     for block in layers:
         for (parent_name, fused), group in groups.items():
-            parent = getattr(block, parent_name)
-            base = getattr(parent, fused)
-            if isinstance(base, LoRALinear):
-                raise LLMLabError("the model already has LoRA modules; merge or remove them before adding more")
-            spans = projection_slices(model, fused)
-            names = [t for t in LORA_TARGETS if _MODULE_OF[t][1] == fused]
-            slices = {t: spans[_MODULE_OF[t][2]] for t in names if t in group}
-            setattr(parent, fused, cls(base, slices, group, config.alpha, config.dropout, config.rslora))
+            slices = {t: target_rows(model, t) for t in LORA_TARGETS if t in group}
+            wrap_linear(getattr(block, parent_name), fused,
+                        lambda base: cls(base, slices, group, config.alpha, config.dropout, config.rslora))
     model.lora_config = config
     return model
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-def adapter_params(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The LoRA parameters (lora_A / lora_B of every LoRALinear), with their names: what trains and what saves."""
-    return [(n, p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
-
-
-def set_trainable(model: nn.Module) -> None:
-    """Freeze everything but the LoRA parameters: the one place the LoRA method chooses what trains."""
-    model.requires_grad_(False)
-    for _, p in adapter_params(model):
-        p.requires_grad_(True)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -205,30 +211,6 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 # -- PEFT files --------------------------------------------------------------------------------------
-PROBE_KEY = "llmlab_base_probe"  # safetensors metadata (PEFT ignores it): a few embedding values of the base
-
-
-def base_probe(state_dict: dict[str, Tensor]) -> str:
-    """16 values spread over the base model's embedding matrix, as JSON: recognises the base an adapter was
-    trained on (same architecture, other weights) at any load dtype. Embeddings are never adapted or quantized."""
-    w = state_dict["model.embed_tokens.weight"].detach()
-    rows = torch.linspace(0, w.shape[0] - 1, 4).long()
-    cols = torch.linspace(0, w.shape[1] - 1, 4).long()
-    return json.dumps([round(float(v), 6) for v in w[rows][:, cols].float().flatten()])
-
-
-def check_base(model: nn.Module, metadata: dict[str, str] | None, folder: str | Path, base: Any) -> None:
-    """Raise when an adapter's recorded base probe does not match `model` (it was trained on another model)."""
-    probe = (metadata or {}).get(PROBE_KEY)
-    if probe is None:
-        return  # adapters from PEFT carry no probe: the shape checks are all there is
-    ours = torch.tensor(json.loads(base_probe({"model.embed_tokens.weight": model.model.embed_tokens.weight})))
-    theirs = torch.tensor(json.loads(probe))
-    if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-6):
-        raise LLMLabError(f"{folder}: the adapter was made for another base model ({base!r}): its embeddings "
-                          "differ from this checkpoint's; load it on the checkpoint it was trained from")
-
-
 def to_peft_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     """llmlab LoRA tensors (`...qkv_proj.lora_A.q`) -> PEFT keys (`base_model.model...q_proj.lora_A.weight`)."""
     out = {}
@@ -252,22 +234,6 @@ def from_peft_names(sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     return out
 
 
-def base_model_reference(base_model: str | Path | None) -> str | None:
-    """What an adapter records as `base_model_name_or_path`, so that it finds its base from any folder: the hub
-    repo id of a folder `llmlab download ORG/MODEL` fetched, else the folder's absolute, resolved path (a path
-    typed relative to where training ran means nothing elsewhere). A name that is no local folder is kept as
-    given (a hub id). The default model is an import of a quantized GGUF, not the hub's weights, so it is
-    recorded by its path."""
-    if base_model is None:
-        return None
-    folder = Path(base_model).expanduser()
-    if not folder.is_dir():
-        return str(base_model)
-    from llmlab.hub import hub_repo_id
-
-    return hub_repo_id(folder) or str(folder.resolve())
-
-
 def adapter_config_dict(config: LoRAConfig, base_model: str | None) -> dict[str, Any]:
     """adapter_config.json for PEFT's LoraConfig (the keys PEFT writes; the defaults it would fill in)."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_reference(base_model),
@@ -281,159 +247,52 @@ def adapter_config_dict(config: LoRAConfig, base_model: str | None) -> dict[str,
 def save_adapter(folder: str | Path, tensors: dict[str, Tensor], config: LoRAConfig, base_model: str | None = None,
                  tokenizer: Any = None, extra_files: Callable[[Path], None] | None = None,
                  probe: str | None = None) -> Path:
-    """Write a PEFT adapter folder atomically from llmlab-named LoRA tensors (`probe`: see `base_probe`)."""
-    from safetensors.torch import save_file
-
-    from llmlab.checkpoint import atomic_folder, write_json
-
-    peft_sd = {k: v.detach().contiguous().cpu() for k, v in to_peft_names(tensors).items()}
-    with atomic_folder(folder) as tmp:
-        metadata = {"format": "pt", **({PROBE_KEY: probe} if probe else {})}
-        save_file(peft_sd, str(tmp / ADAPTER_WEIGHTS), metadata=metadata)
-        write_json(tmp / ADAPTER_CONFIG, adapter_config_dict(config, base_model))
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-        if extra_files is not None:
-            extra_files(tmp)
-    return Path(folder)
+    """Write a PEFT adapter folder atomically from llmlab-named LoRA tensors (`probe`: see `adapters.base_probe`)."""
+    return write_adapter_files(folder, to_peft_names(tensors), adapter_config_dict(config, base_model), probe,
+                               tokenizer, extra_files)
 
 
-def read_safetensors(path: Path, with_metadata: bool = False) -> Any:
-    """The tensors of a safetensors file (and its metadata, with `with_metadata`)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-            return (tensors, fh.metadata() or {}) if with_metadata else tensors
-    except (SafetensorError, OSError, ValueError) as e:
-        raise LLMLabError(f"{path}: cannot read safetensors file (truncated or corrupt?): {e}") from e
-
-
-def read_adapter(folder: str | Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, Tensor]]:
-    """(LoRAConfig, raw adapter_config.json + `_metadata` of the weights file, llmlab-named tensors) of a PEFT LoRA
-    folder, checked."""
-    folder = Path(folder)
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file():
-        raise LLMLabError(f"{folder}: no {ADAPTER_CONFIG} (expected a PEFT LoRA adapter folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise LLMLabError(f"{path}: not valid JSON: {e}") from e
-    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
-        raise LLMLabError(f"{path}: peft_type is {raw.get('peft_type') if isinstance(raw, dict) else raw!r}; "
-                          "llmlab loads LORA adapters")
+def read_adapter(folder: str | Path) -> tuple[LoRAConfig, AdapterFiles]:
+    """The LoRAConfig and the files (tensors with llmlab names) of a PEFT LoRA folder, checked."""
+    files = read_adapter_files(folder, LORA)
+    raw, path = files.config, files.folder / ADAPTER_CONFIG
     unsupported = {k: raw[k] for k in ("use_dora", "rank_pattern", "alpha_pattern", "modules_to_save",
                                        "fan_in_fan_out", "layers_to_transform") if raw.get(k)}
     if raw.get("bias", "none") != "none":
         unsupported["bias"] = raw["bias"]
     if unsupported:
         raise LLMLabError(f"{path}: LoRA options llmlab does not support: {unsupported}")
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise LLMLabError(f"{folder}: no {ADAPTER_WEIGHTS} (llmlab loads safetensors adapters only)")
-    peft_sd, raw["_metadata"] = read_safetensors(weights, with_metadata=True)
-    tensors = from_peft_names(peft_sd, str(weights))
-    targets = sorted({k.rsplit(".", 1)[1] for k in tensors}, key=LORA_TARGETS.index)
+    weights = files.folder / ADAPTER_WEIGHTS
+    files.tensors = from_peft_names(files.tensors, str(weights))
+    targets = sorted({k.rsplit(".", 1)[1] for k in files.tensors}, key=LORA_TARGETS.index)
     if not targets:
         raise LLMLabError(f"{weights}: holds no LoRA tensors")
     config = LoRAConfig(r=int(raw.get("r", 8)), alpha=float(raw.get("lora_alpha", 8)),
                         dropout=float(raw.get("lora_dropout", 0.0)), targets=targets,
                         rslora=bool(raw.get("use_rslora", False)))
-    return config, raw, tensors
-
-
-def load_adapter(model: nn.Module, folder: str | Path, trainable: bool = False) -> nn.Module:
-    """Wrap `model`'s projections with the LoRA adapter of a PEFT folder (unmerged); checks it fits this model."""
-    config, raw, tensors = read_adapter(folder)
-    check_base(model, raw["_metadata"], folder, raw.get("base_model_name_or_path"))
-    ranks = {k.rsplit(".", 1)[1]: t.shape[0] for k, t in tensors.items() if ".lora_A." in k}
-    apply_lora(model, config, ranks)
-    expected = dict(adapter_params(model))
-    base = raw.get("base_model_name_or_path")
-    hint = f"(the adapter was made for base model {base!r}; does it belong to this checkpoint?)"
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = [k for k in set(expected) & set(tensors) if tuple(tensors[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        detail = "; ".join(f"{what} {names[:3]}" for what, names in (("missing", missing), ("unexpected", unexpected),
-                           ("wrong shape", sorted(wrong))) if names)
-        raise LLMLabError(f"{folder}: the adapter does not fit this model: {detail} {hint}")
-    with torch.no_grad():
-        for k, p in expected.items():
-            p.copy_(tensors[k].to(p.dtype))
-    if trainable:
-        set_trainable(model)
-    else:
-        for _, p in expected.items():
-            p.requires_grad_(False)
-    return model
-
-
-class AddedModulesMethod(Method):
-    """Base of the methods that add small modules to a frozen model and save those alone (LoRA, bottleneck
-    adapters). A subclass names its config class and gives four module-specific pieces: `apply` (swap the
-    modules in), `params` (the added parameters, named: what trains and what saves), `write` and `read` (its
-    folder format)."""
-
-    config_class: type
-    saves_frozen = False  # only the added modules are saved: the frozen base may live in the compute dtype
-
-    def __init__(self, config: Any = None, base_model: str | None = None) -> None:
-        self.config = config or self.config_class()
-        self.config.validate()
-        self.base_model = base_model
-
-    def apply(self, model: nn.Module) -> None:
-        raise NotImplementedError
-
-    def params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        raise NotImplementedError
-
-    def write(self, folder: Path, tensors: dict[str, Tensor], tokenizer: Any,
-              extra_files: Callable[[Path], None] | None, probe: str) -> Path:
-        raise NotImplementedError
-
-    def read(self, folder: Path) -> tuple[Any, dict[str, Any], dict[str, Tensor]]:
-        raise NotImplementedError
-
-    def prepare(self, model: nn.Module) -> nn.Module:
-        self.apply(model)
-        model.requires_grad_(False)
-        for _, p in self.params(model):
-            p.requires_grad_(True)
-        return model
-
-    def trainable_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return self.params(model)
-
-    def save(self, model: nn.Module, folder: Path, tokenizer: Any = None, state_dict: dict[str, Tensor] | None = None,
-             extra_files: Callable[[Path], None] | None = None) -> Path:
-        names = {n for n, _ in self.params(model)}
-        source = state_dict if state_dict is not None else model.state_dict()
-        tensors = {k: v for k, v in source.items() if k in names}
-        return self.write(folder, tensors, tokenizer, extra_files, base_probe(source))
-
-    def load_state(self, model: nn.Module, folder: Path) -> dict[str, Tensor]:
-        return self.read(folder)[2]
+    return config, files
 
 
 class LoRA(AddedModulesMethod):
     """Train LoRA adapters on the chosen projections; the base model stays frozen; saves a PEFT adapter folder."""
 
     name = "lora"
+    option_group = "lora"
     config_class = LoRAConfig
+    kind = LORA
+    module_class = LoRALinear
+    ranks: dict[str, int] | None = None  # target -> r, where an adapter read from a folder has its own shapes
 
     def apply(self, model: nn.Module) -> None:
-        apply_lora(model, self.config)
-
-    def params(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-        return adapter_params(model)
+        apply_lora(model, self.config, self.ranks)
 
     def write(self, folder: Path, tensors: dict[str, Tensor], tokenizer: Any,
               extra_files: Callable[[Path], None] | None, probe: str) -> Path:
         return save_adapter(folder, tensors, self.config, self.base_model, tokenizer, extra_files, probe)
 
-    def read(self, folder: Path) -> tuple[Any, dict[str, Any], dict[str, Tensor]]:
-        return read_adapter(folder)
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> tuple[LoRA, AdapterFiles]:
+        config, files = read_adapter(folder)
+        method = cls(config, base_model=files.base_model)
+        method.ranks = {k.rsplit(".", 1)[1]: t.shape[0] for k, t in files.tensors.items() if ".lora_A." in k}
+        return method, files

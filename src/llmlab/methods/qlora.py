@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from llmlab.args import LoRAConfig
 from llmlab.errors import LLMLabError
-from llmlab.methods.lora import LoRA, LoRALinear, apply_lora, projection_slices, set_trainable
+from llmlab.methods.adapters import set_trainable
+from llmlab.methods.lora import LoRA, LoRALinear, apply_lora, projection_slices
 
 BLOCKSIZE = 64  # weights per absmax scale (bitsandbytes' and QLoRA's default)
 # The NF4 code book: quantiles of N(0, 1) normalised to [-1, 1], with an exact zero (QLoRA paper, appendix E).
@@ -257,5 +258,5 @@ class QLoRA(LoRA):
     def prepare(self, model: nn.Module) -> nn.Module:
         apply_lora(model, self.config, cls=LoRALinear4bit)
         quantize_blocks(model)
-        set_trainable(model)
+        set_trainable(model, self.params(model))
         return model

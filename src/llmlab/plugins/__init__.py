@@ -23,6 +23,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+import jsonschema
+
 from llmlab.errors import LLMLabError
 
 ENTRY_POINT_GROUP = "llmlab.plugins"
@@ -66,7 +68,7 @@ PluginFactory = Callable[[PluginContext], Plugin]
 
 
 def builtin_plugins() -> dict[str, PluginFactory]:
-    from llmlab.plugins import builtin
+    from llmlab.plugins import builtin  # here: builtin imports this module
 
     return {"calculator": builtin.calculator, "current_time": builtin.current_time,
             "search_documents": builtin.search_documents}
@@ -114,7 +116,6 @@ def load_plugins(names: Sequence[str], context: PluginContext | None = None) -> 
 def _check_arguments(plugin: Plugin, arguments: Any) -> str | None:
     if not isinstance(arguments, dict):
         return f"arguments must be a JSON object, got {type(arguments).__name__}"
-    import jsonschema
 
     try:
         jsonschema.validate(arguments, plugin.parameters)

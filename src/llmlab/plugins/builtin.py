@@ -7,9 +7,11 @@ import math
 import operator
 from datetime import datetime, timezone
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from llmlab.errors import LLMLabError
 from llmlab.plugins import Plugin, PluginContext
+from llmlab.rag.index import open_index
 
 # -- calculator ----------------------------------------------------------------------------------------
 MAX_EXPRESSION = 500  # characters
@@ -97,8 +99,6 @@ def calculator(context: PluginContext | None = None) -> Plugin:
 # -- current time --------------------------------------------------------------------------------------
 def now(tz: str = "UTC") -> str:
     """The current date and time in the IANA time zone `tz` (e.g. Europe/Paris), ISO 8601 with the weekday."""
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
     try:
         zone = timezone.utc if tz.upper() == "UTC" else ZoneInfo(tz)
     except (ZoneInfoNotFoundError, ValueError) as e:
@@ -123,7 +123,6 @@ def search_documents(context: PluginContext | None = None) -> Plugin:
     if context is None or context.index is None:
         raise LLMLabError("plug-in search_documents needs a document index: pass --index INDEX_DIR "
                           "(built with `llmlab index`)")
-    from llmlab.rag.index import open_index
 
     index = open_index(context.index)
 

@@ -45,7 +45,7 @@ def read_document(path: Path) -> list[tuple[int | None, str]]:
             return [(None, path.read_bytes().decode("utf-8", errors="replace"))]
         except OSError as e:
             raise LLMLabError(f"{path}: cannot read: {e}") from e
-    from pypdf import PdfReader
+    from pypdf import PdfReader  # the retrieval extra's (llmlab[rag]); only PDFs need it
     from pypdf.errors import PyPdfError
 
     try:

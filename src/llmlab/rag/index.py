@@ -14,6 +14,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from llmlab.errors import LLMLabError
 from llmlab.rag.chunking import chunk_file, is_supported
 from llmlab.rag.embed import Embedder, EmbedderLike
@@ -145,7 +147,6 @@ def build_index(paths: list[Path], out: Path, embedder: EmbedderLike | None = No
 def _progress(total: int, enabled: bool):  # noqa: ANN202 - a tqdm bar or None
     if not enabled or total == 0:
         return None
-    from tqdm import tqdm
 
     return tqdm(total=total, unit="file", desc="indexing")
 

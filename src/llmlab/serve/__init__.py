@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from llmlab.errors import LLMLabError
+from llmlab.generate import eos_token_ids
+from llmlab.loading import load_for_inference
+from llmlab.serve.engine import Engine
+from llmlab.serve.lora_multi import MultiLoRA
 
 
 def parse_adapters(specs: list[str] | None) -> dict[str, Path]:
@@ -52,11 +56,7 @@ def default_allowed_hosts(bind_host: str) -> list[str]:
 def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | None = None, max_batch: int = 16,
                 max_seq_len: int = 2048, queue_size: int = 64, dtype: str = "auto", device: str = "auto") -> Any:
     """Load CHECKPOINT and its LoRA adapters and start an `Engine` on them; returns (engine, tokenizer)."""
-    from llmlab.generate import eos_token_ids, load_for_generation
-    from llmlab.serve.engine import Engine
-    from llmlab.serve.lora_multi import MultiLoRA
-
-    model, tokenizer, gen_config = load_for_generation(checkpoint, device=device, dtype=dtype)
+    model, tokenizer, gen_config = load_for_inference(checkpoint, device=device, dtype=dtype)
     multi = None
     if adapters:
         multi = MultiLoRA(model)

@@ -25,6 +25,7 @@ from typing import Any
 from llmlab.constrained import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from llmlab.errors import LLMLabError
 from llmlab.plugins.calling import parse_tool_calls, select_tools, template_messages, tool_logits_processor
+from llmlab.rag.grounded import INSTRUCTIONS, fit_passages, grounded_message, sources_payload
 from llmlab.serve.api import ChatPlan
 from llmlab.serve.protocol import APIError, ChatCompletionRequest
 from llmlab.tokenizer import Tokenizer
@@ -59,8 +60,6 @@ class CopilotExtension:
         return plan
 
     def _ground(self, plan: ChatPlan, cite: bool) -> None:
-        from llmlab.rag.grounded import INSTRUCTIONS, fit_passages, grounded_message, sources_payload
-
         question = plan.messages[-1]["content"]
         if not question.strip():
             return

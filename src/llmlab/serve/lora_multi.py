@@ -8,8 +8,9 @@ forward, `select(["a", None, "b", "a"])` names each row's adapter; each module t
 `x[rows] A^T B^T` into those rows (rows of the base model get nothing). The cost is one pair of small matmuls per
 distinct adapter in the batch, not per row, and no weight is copied per step.
 
-Adapters are read with `llmlab.methods.lora.read_adapter` (PEFT folders, the probe check of the base included),
-so what `llmlab finetune --method lora` or PEFT writes serves as is. The base weights are never changed.
+Adapters are read with `llmlab.methods.lora.read_adapter` and checked against the base model with
+`llmlab.methods.adapters.check_base`, so what `llmlab finetune --method lora` or PEFT writes serves as is. The base
+weights are never changed.
 """
 
 from __future__ import annotations
@@ -23,11 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.errors import LLMLabError
-from llmlab.methods.lora import _MODULE_OF, check_base, projection_slices, read_adapter
-
-
-def _read_text(path: Path) -> str:
-    return path.read_text() if path.is_file() else ""
+from llmlab.methods.adapters import BOTTLENECK, adapter_kind, check_base
+from llmlab.methods.lora import lora_scale, read_adapter, target_rows
 
 
 class MultiLoRALinear(nn.Module):
@@ -68,11 +66,12 @@ class MultiLoRA:
         """Load the PEFT LoRA adapter of `folder` under `name` (checked against the base model)."""
         if name in self.names:
             raise LLMLabError(f"--adapter: the name '{name}' is given twice")
-        if '"bottleneck"' in _read_text(Path(folder) / "adapter_config.json"):
+        if adapter_kind(folder) == BOTTLENECK:
             raise LLMLabError(f"{folder}: bottleneck adapters (--method adapter) cannot be served per request; serve "
                               "LoRA adapters, or use `llmlab generate/chat --adapter` for this one")
-        config, raw, tensors = read_adapter(folder)
-        check_base(self.model, raw["_metadata"], folder, raw.get("base_model_name_or_path"))
+        config, files = read_adapter(folder)
+        check_base(self.model, files)
+        tensors = files.tensors
         layers = self.model.model.layers
         per_module: dict[str, list[tuple[str, Tensor, Tensor]]] = {}
         for key, a in tensors.items():
@@ -88,20 +87,18 @@ class MultiLoRA:
         staged = []
         for path, parts in per_module.items():
             linear = self._base_linear(path)
-            spans = projection_slices(self.model, path.rsplit(".", 1)[1])
             dev, dt = linear.weight.device, linear.weight.dtype
             A = torch.cat([a for _, a, _ in parts]).to(dev, dt)
             B = torch.zeros(linear.out_features, A.shape[0], device=dev, dtype=dt)
             col = 0
             for target, a, b in parts:
-                lo, hi = spans[_MODULE_OF[target][2]]
+                lo, hi = target_rows(self.model, target)
                 if a.shape[1] != linear.in_features or b.shape != (hi - lo, a.shape[0]):
                     raise LLMLabError(f"{folder}: the adapter does not fit this model: {path} {target} has A "
                                       f"{tuple(a.shape)} and B {tuple(b.shape)}, expected A (r, {linear.in_features}) "
                                       f"and B ({hi - lo}, r)")
                 r = a.shape[0]
-                scale = config.alpha / (r ** 0.5 if config.rslora else r)  # as LoRALinear: from the tensor's rank
-                B[lo:hi, col:col + r] = b.to(dev, dt) * scale
+                B[lo:hi, col:col + r] = b.to(dev, dt) * lora_scale(config.alpha, r, config.rslora)  # as LoRALinear
                 col += a.shape[0]
             staged.append((path, A, B))
         for path, A, B in staged:  # only now, so a bad adapter leaves the model untouched

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmlab.errors import LLMLabError
-from llmlab.eval.tasks import list_tasks, load_task, load_tasks, render, task_from_dict
+from llmlab.eval.taskfile import list_tasks, load_task, load_tasks, render, task_from_dict
 
 OWN_DATA = ["bias_pairs", "commonsense", "multitask", "paragraphs", "reading", "toxicity_pairs", "truthful"]
 
@@ -96,10 +96,10 @@ def test_unknown_task_names_and_files():
 def test_bad_data_files(tmp_path):
     task = task_from_dict({"name": "t", "kind": "perplexity", "data": str(tmp_path / "d.jsonl"), "text": "text"})
     (tmp_path / "d.jsonl").write_text('{"text": "a"}\n{"text": \n')
-    with pytest.raises(LLMLabError, match=r"d.jsonl, line 2: not valid JSON"):
+    with pytest.raises(LLMLabError, match=r"d.jsonl:2: not valid JSON"):
         task.records()
     (tmp_path / "d.jsonl").write_text('["a"]\n')
-    with pytest.raises(LLMLabError, match="line 1: expected a JSON object, got list"):
+    with pytest.raises(LLMLabError, match="d.jsonl:1: expected a JSON object, got list"):
         task.records()
     (tmp_path / "d.jsonl").write_text("\n")
     with pytest.raises(LLMLabError, match="no records"):

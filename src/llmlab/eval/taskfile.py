@@ -1,4 +1,4 @@
-"""Evaluation tasks described by small YAML files, so that a user adds a task without writing code.
+"""Task files: evaluation tasks described by small YAML files, so that a user adds a task without writing code.
 
 A task names its data (a JSON Lines file, optionally gzipped), its kind, and how a record becomes a prompt:
 
@@ -16,15 +16,17 @@ this module in `tasks/` (`list_tasks()`); a path to a .yaml file works wherever 
 
 from __future__ import annotations
 
-import gzip
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from llmlab.errors import LLMLabError
+from llmlab.eval.scoring import EXTRACTORS
+from llmlab.jsonl import iter_jsonl
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 KINDS = ("perplexity", "multiple_choice", "generate", "code", "pairs")
@@ -78,7 +80,6 @@ class Task:
         missing = [k for k in _REQUIRED[self.kind] if not getattr(self, k)]
         if missing:
             raise LLMLabError(f"{where}: a {self.kind} task needs {', '.join(repr(m) for m in missing)}")
-        from llmlab.eval.scoring import EXTRACTORS
 
         if self.extract not in EXTRACTORS:
             raise LLMLabError(f"{where}: extract must be one of {', '.join(EXTRACTORS)}, got {self.extract!r}")
@@ -114,24 +115,12 @@ class Task:
     def records(self, data_dir: str | Path | None = None, which: str = "data") -> list[dict[str, Any]]:
         """The records of the task's data (or few-shot) file, each a dict."""
         self.check_data(data_dir)
-        return read_jsonl(self.data_path(data_dir, which))
+        return read_records(self.data_path(data_dir, which))
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Records of a .jsonl or .jsonl.gz file; blank lines are skipped; each line must be a JSON object."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    out = []
-    with opener(path, "rt", encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise LLMLabError(f"{path}, line {n}: not valid JSON: {e}") from e
-            if not isinstance(rec, dict):
-                raise LLMLabError(f"{path}, line {n}: expected a JSON object, got {type(rec).__name__}")
-            out.append(rec)
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of a task's .jsonl or .jsonl.gz file, each a JSON object; there must be some."""
+    out = [line.record for line in iter_jsonl(path, objects=True)]
     if not out:
         raise LLMLabError(f"{path}: no records")
     return out
@@ -202,9 +191,6 @@ _COMPILED: dict[str, Any] = {}
 
 def render(template: str, values: dict[str, Any], where: str) -> str:
     """Render a task template over a record's fields (sandboxed Jinja, undefined fields are errors)."""
-    from jinja2 import StrictUndefined, TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     try:
         if template not in _COMPILED:
             env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
