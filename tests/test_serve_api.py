@@ -410,7 +410,8 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
     ckpt, adapters = fixture
     port = free_port()
     cmd = [sys.executable, "-m", "llmlab.cli", "serve", str(ckpt), "--adapter", f"alpha={adapters['alpha']}",
-           "--adapter", f"beta={adapters['beta']}", "--port", str(port), "--max-seq-len", "64"]
+           "--adapter", f"beta={adapters['beta']}", "--port", str(port), "--max-seq-len", "64",
+           "--allow-adapter-loading", "true"]
     proc = subprocess.Popen(cmd, env={**os.environ, "LLMLAB_API_KEY": KEY, "OMP_NUM_THREADS": "1"},
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -418,7 +419,8 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
 
         def up() -> bool:
             try:
-                return [m.id for m in client.models.list().data] == ["tiny", "alpha", "beta"]
+                return [m.id for m in client.models.list().data] == ["tiny", "alpha", "beta",
+                                                                      "sentence-transformers/all-MiniLM-L6-v2"]
             except openai.APIConnectionError:
                 assert proc.poll() is None, proc.stderr.read()
                 return False
@@ -426,6 +428,10 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
         assert wait_for(up, 60)
         out = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert out.choices[0].finish_reason in ("stop", "length") and out.model == "beta"
+        assert http_json_port(port, "/v1/load_lora_adapter", {"lora_name": "gamma",
+                                                               "lora_path": str(adapters["alpha"])}) == 200
+        out = client.completions.create(model="gamma", prompt="hi", max_tokens=3)
+        assert out.model == "gamma" and out.choices[0].finish_reason in ("stop", "length")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/health", headers={"Host": "rebound.example"})  # on loopback, local names only
         assert conn.getresponse().status == 400
@@ -436,6 +442,16 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     bad = subprocess.run(cmd[:5] + ["--adapter", f"x={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "llmlab: error:" in bad.stderr and "peft_type is 'IA3'" in bad.stderr
+
+
+def http_json_port(port: int, path: str, body: dict) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Authorization": f"Bearer {KEY}",
+                                                                   "Content-Type": "application/json"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 def test_client_giving_up_mid_generation_stops_it(fixture):

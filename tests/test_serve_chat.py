@@ -126,6 +126,9 @@ def test_bad_response_formats_are_400_naming_the_field(client):
     for fmt, param, message in cases:
         e = ask(fmt)
         assert e.status_code == 400 and e.body["param"] == param and message in e.body["message"], (fmt, e.body)
+    for field, value in (("functions", [{"name": "f"}]), ("audio", {"voice": "alloy", "format": "wav"})):
+        e = _error(lambda: client.chat.completions.create(model="m", messages=ASK, extra_body={field: value}))
+        assert e.status_code == 400 and e.body["param"] == field
 
 
 def test_chat_logprobs_streamed_and_not(client):

@@ -117,9 +117,18 @@ def _message_text(msg: ChatMessage, i: int) -> str | None:
     return "".join(parts)
 
 
+# fields OpenAI accepts that would change the reply, refused rather than ignored (docs/serve.md lists the others)
+_REFUSED = {"functions": "it is the legacy form of tools; send tools",
+            "function_call": "it is the legacy form of tool_choice; send tool_choice",
+            "audio": "this server generates text only"}
+
+
 # -- the route's logic -------------------------------------------------------------------------------------
 async def chat_completion(server: Server, body: ChatCompletionRequest, request: Request) -> Any:
     adapter = server.resolve_model(body.model)
+    for name, why in _REFUSED.items():
+        if (body.model_extra or {}).get(name):
+            raise APIError(400, f"{name} is not supported: {why}", param=name)
     n = server.choices_per_prompt(body)
     plan = ChatPlan([{**m.model_dump(exclude_none=True), "content": _message_text(m, i) or ""}
                      for i, m in enumerate(body.messages)], stop=body.stops())
