@@ -13,11 +13,13 @@ import torch
 from _serve import (
     ServerThread,
     http_json,
+    make_adapter,
     make_fixture,
     one_thread,  # noqa: F401  (a fixture, used through pytestmark)
     raw_request,
     wait_for,
 )
+from _tiny import tiny_checkpoint
 
 from llmlab.args import LoRAConfig
 from llmlab.errors import LLMLabError
@@ -68,10 +70,11 @@ def test_load_serve_and_unload_while_a_request_runs(fixture):
         messages = [{"role": "user", "content": "What does the cat say?"}]
         expected = engine.generate(GenerationRequest(tok.encode_chat(messages), 40, adapter="alpha"), 60)[0][0]
         result: list = []
+        tokens = engine.status()["tokens"]
         worker = threading.Thread(target=lambda: result.append(client.chat.completions.create(
             model="alpha", messages=messages, max_tokens=40, temperature=0)))
         worker.start()
-        assert wait_for(lambda: engine.status()["running"] == 1 and engine.status()["tokens"] > 0)
+        assert wait_for(lambda: engine.status()["tokens"] > tokens)  # the request is decoding
         assert post(srv, "/v1/unload_lora_adapter", {"lora_name": "alpha"}) == (
             200, "Success: LoRA adapter 'alpha' removed successfully.")
         assert [m.id for m in client.models.list().data] == ["tiny"]
@@ -95,7 +98,9 @@ def test_errors_name_the_field(fixture, tmp_path):
     save_adapter(tmp_path / "narrow", {key.format(0, "A"): torch.zeros(4, 32), key.format(0, "B"): torch.zeros(64, 4)},
                  LoRAConfig(r=4, targets="q"))
     try:
+        foreign = make_adapter(tiny_checkpoint(tmp_path / "other", seed=1, std=0.1), tmp_path / "foreign", 3)
         cases = [({"lora_name": "x", "lora_path": str(tmp_path / "narrow")}, 400, "lora_path", "does not fit"),
+                 ({"lora_name": "x", "lora_path": str(foreign)}, 400, "lora_path", "made for another base model"),
                  ({"lora_name": "x", "lora_path": str(tmp_path / "nowhere")}, 400, "lora_path", "no adapter_config"),
                  ({"lora_name": "x", "lora_path": "a\u0000b"}, 400, "lora_path", "control characters"),
                  ({"lora_name": "beta", "lora_path": str(adapters["alpha"])}, 400, "lora_name", "loaded already"),

@@ -95,9 +95,11 @@ def test_text_format_json_schema(client):
         deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert final.status == "completed" and isinstance(final.output_parsed, Animal) and len(deltas) > 1
-    r = client.responses.create(model="tiny", input="JSON please", text={"format": {"type": "json_object"}},
-                                temperature=1.0, max_output_tokens=80)
-    assert r.status == "completed" and isinstance(json.loads(r.output_text), dict)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    r = client.responses.create(model="tiny", input="JSON please", temperature=1.0, max_output_tokens=80,
+                                text={"format": {"type": "json_schema", "name": "ok", "schema": schema}})
+    assert r.status == "completed" and isinstance(json.loads(r.output_text)["ok"], bool)
+    assert r.text.format.type == "json_schema"
 
 
 def test_what_is_not_supported_is_refused_naming_the_field(client):
