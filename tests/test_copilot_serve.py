@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import json
-
 import openai
 import pytest
 from _rag import HashEmbedder, tiny_long_checkpoint
@@ -101,21 +99,19 @@ def test_a_call_cut_by_max_tokens_is_reported_without_the_internal_markup(client
     kw = dict(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[tools_demo.WEATHER],
               tool_choice="required", temperature=0)
     full = client.chat.completions.create(**kw, max_tokens=300)
-    compact = json.dumps(json.loads(full.choices[0].message.tool_calls[0].function.arguments), separators=(",", ":"),
-                         ensure_ascii=False)
+    arguments = full.choices[0].message.tool_calls[0].function.arguments  # compact JSON, as the model wrote it
     n = full.usage.completion_tokens
     partial = 0
     for max_tokens in sorted({3, *range(n // 3, n, max(1, n // 8))}):
-        if stream:
-            chunks = list(client.chat.completions.create(**kw, max_tokens=max_tokens, stream=True))
-            deltas = [c.choices[0].delta for c in chunks if c.choices]
-            content = "".join(d.content or "" for d in deltas)
-            calls = [t for d in deltas for t in d.tool_calls or []]
-            reason = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+        if stream:  # the SDK's stream helper puts the fragments together (its final completion raises on "length")
+            with client.chat.completions.stream(**kw, max_tokens=max_tokens) as chunks:
+                for _ in chunks:
+                    pass
+                r = chunks.current_completion_snapshot
         else:
             r = client.chat.completions.create(**kw, max_tokens=max_tokens)
-            msg = r.choices[0].message
-            content, calls, reason = msg.content, msg.tool_calls or [], r.choices[0].finish_reason
+        msg = r.choices[0].message
+        content, calls, reason = msg.content, msg.tool_calls or [], r.choices[0].finish_reason
         assert not content, (max_tokens, content)  # no markup, no text: a call or nothing
         if reason == "tool_calls":  # only the closing tag was cut: the call is whole
             check_calls(type("Message", (), {"tool_calls": calls})())
@@ -125,9 +121,34 @@ def test_a_call_cut_by_max_tokens_is_reported_without_the_internal_markup(client
             assert calls == []
         if calls:
             assert [c.function.name for c in calls] == ["get_weather"]
-            assert compact.startswith(calls[0].function.arguments)
+            assert arguments.startswith(calls[0].function.arguments)
             partial += 1
     assert partial, "some cut should fall inside the arguments"
+
+
+def test_streamed_tool_call_arrives_as_openai_streams_it(client):
+    """The first delta has the call's index, id, type and name; the arguments follow in fragments as they are
+    generated; they add up to the non-streamed call; the official SDK's stream helper reads them."""
+    kw = dict(model="m", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS,
+              tool_choice="required", temperature=1.0, seed=5, max_tokens=300)
+    whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert not "".join(d.content or "" for d in deltas)
+    first, *rest = [t for d in deltas for t in d.tool_calls or []]
+    assert (first.index, first.type, first.function.name, first.function.arguments) == (0, "function",
+                                                                                        whole.function.name, "")
+    assert first.id.startswith("call_") and len(rest) > 3
+    assert all(d.index == 0 and d.id is None and d.function.name is None for d in rest)
+    assert "".join(d.function.arguments for d in rest) == whole.function.arguments
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    with client.chat.completions.stream(**kw) as stream:
+        events = [e.type for e in stream]
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == (whole.function.name, whole.function.arguments)
+    assert events.count("tool_calls.function.arguments.delta") == 1 + len(rest)  # the first delta counts too
+    assert events.count("tool_calls.function.arguments.done") == 1
 
 
 def test_bad_tool_schemas_and_choices_are_400(client):

@@ -187,8 +187,8 @@ def test_lora_run_resumes_exactly(ckpt: Path, tmp_path: Path) -> None:
 def test_adapter_finds_its_base_from_any_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from peft import AutoPeftModelForCausalLM
 
-    from llmlab.methods import make_method
     from llmlab.hub import record_hub_source
+    from llmlab.methods import make_method
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     work = tmp_path / "work"

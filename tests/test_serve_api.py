@@ -15,6 +15,7 @@ import openai
 import pytest
 import schemathesis
 import torch
+from _rag import HashEmbedder
 from _serve import (
     PROMPTS,
     ServerThread,
@@ -32,6 +33,7 @@ from schemathesis.checks import not_a_server_error
 from llmlab.serve import default_allowed_hosts, load_engine
 from llmlab.serve.api import ChatPlan, create_app
 from llmlab.serve.copilot import CopilotExtension
+from llmlab.serve.embeddings import EmbeddingModel
 from llmlab.serve.engine import GenerationRequest
 
 KEY = "sk-test-0123456789"
@@ -179,7 +181,7 @@ def test_errors_have_openai_bodies(server, client):
     assert e.status_code == 400 and e.body["param"] == "tools"
     e = error_of(lambda: client.completions.create(model="tiny", prompt="hi", stop=[""]))
     assert e.status_code == 400 and e.body["param"] == "stop"
-    e = error_of(lambda: client.completions.create(model="tiny", prompt="hi", logprobs=2))
+    e = error_of(lambda: client.completions.create(model="tiny", prompt="hi", logprobs=21))
     assert e.status_code == 400 and e.body["param"] == "logprobs"
     bad = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-wrong", max_retries=0)
     e = error_of(lambda: bad.models.list())
@@ -408,7 +410,8 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
     ckpt, adapters = fixture
     port = free_port()
     cmd = [sys.executable, "-m", "llmlab.cli", "serve", str(ckpt), "--adapter", f"alpha={adapters['alpha']}",
-           "--adapter", f"beta={adapters['beta']}", "--port", str(port), "--max-seq-len", "64"]
+           "--adapter", f"beta={adapters['beta']}", "--port", str(port), "--max-seq-len", "64",
+           "--allow-adapter-loading", "true"]
     proc = subprocess.Popen(cmd, env={**os.environ, "LLMLAB_API_KEY": KEY, "OMP_NUM_THREADS": "1"},
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -416,7 +419,8 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
 
         def up() -> bool:
             try:
-                return [m.id for m in client.models.list().data] == ["tiny", "alpha", "beta"]
+                return [m.id for m in client.models.list().data] == ["tiny", "alpha", "beta",
+                                                                      "sentence-transformers/all-MiniLM-L6-v2"]
             except openai.APIConnectionError:
                 assert proc.poll() is None, proc.stderr.read()
                 return False
@@ -424,6 +428,10 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
         assert wait_for(up, 60)
         out = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=3)
         assert out.choices[0].finish_reason in ("stop", "length") and out.model == "beta"
+        assert http_json_port(port, "/v1/load_lora_adapter", {"lora_name": "gamma",
+                                                               "lora_path": str(adapters["alpha"])}) == 200
+        out = client.completions.create(model="gamma", prompt="hi", max_tokens=3)
+        assert out.model == "gamma" and out.choices[0].finish_reason in ("stop", "length")
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         conn.request("GET", "/health", headers={"Host": "rebound.example"})  # on loopback, local names only
         assert conn.getresponse().status == 400
@@ -434,6 +442,16 @@ def test_cli_serves_until_stopped_and_reports_bad_adapters(fixture, tmp_path):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
     bad = subprocess.run(cmd[:5] + ["--adapter", f"x={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "llmlab: error:" in bad.stderr and "peft_type is 'IA3'" in bad.stderr
+
+
+def http_json_port(port: int, path: str, body: dict) -> int:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Authorization": f"Bearer {KEY}",
+                                                                   "Content-Type": "application/json"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
 
 
 def test_client_giving_up_mid_generation_stops_it(fixture):
@@ -464,11 +482,13 @@ def test_client_giving_up_mid_generation_stops_it(fixture):
 # -- fuzzing: schemathesis over every operation of the OpenAPI schema ------------------------------------------
 @pytest.fixture(scope="module")
 def fuzzed_app(fixture):
-    """The app `llmlab serve` runs (with the copilot extension, so `tools` are handled) on a small context."""
+    """The app `llmlab serve --allow-adapter-loading` runs (with the copilot extension, so `tools` are handled) on a
+    small context, with a quick stand-in for the embedding model."""
     ckpt, adapters = fixture
     engine, tok = load_engine(ckpt, adapters, max_batch=4, max_seq_len=64, queue_size=64)
-    yield create_app(engine, tok, "tiny", api_key=KEY,
-                     extensions=[CopilotExtension(tok, engine.model.config.vocab_size)])
+    copilot = CopilotExtension(tok, engine.model.config.vocab_size)
+    yield create_app(engine, tok, "tiny", api_key=KEY, extensions=[copilot], embeddings=EmbeddingModel(HashEmbedder()),
+                     allow_adapter_loading=True)
     engine.close()
 
 
@@ -477,7 +497,9 @@ def api_schema(fuzzed_app):
     return schemathesis.openapi.from_asgi("/openapi.json", fuzzed_app)
 
 
-OPERATIONS = [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")]
+OPERATIONS = [("GET", "/health"), ("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+              ("POST", "/v1/responses"), ("POST", "/v1/embeddings"), ("POST", "/v1/load_lora_adapter"),
+              ("POST", "/v1/unload_lora_adapter")]
 
 
 def test_the_fuzzer_covers_every_operation(api_schema):
@@ -498,7 +520,7 @@ def test_fuzzed_requests_never_get_a_server_error(api_schema, method, path, mode
               suppress_health_check=list(HealthCheck))
     def check(case):
         if isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
-            case.body["model"] = "tiny"
+            case.body["model"] = HashEmbedder.name if path == "/v1/embeddings" else "tiny"
         response = case.call(headers={"Authorization": f"Bearer {KEY}"})
         statuses.append(response.status_code)
         case.validate_response(response, checks=[not_a_server_error])
@@ -507,5 +529,5 @@ def test_fuzzed_requests_never_get_a_server_error(api_schema, method, path, mode
 
     check()
     print(method, path, mode, sorted(statuses))
-    if mode == GenerationMode.POSITIVE:
+    if mode == GenerationMode.POSITIVE and "lora_adapter" not in path:  # no random path is an adapter folder
         assert 200 in statuses  # the fuzzer got through to the model, not only to the validation

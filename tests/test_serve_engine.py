@@ -1,9 +1,11 @@
 """The serving engine without HTTP: continuous batching gives each request what it would get alone, per-row LoRA
-equals the training-side LoRA, the logits-processor hook, cancel, the bounded queue."""
+equals the training-side LoRA, the logits-processor hook, cancel, the bounded queue, log-probabilities (sampled and
+prompt tokens), adapters loaded and unloaded while it runs."""
 
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,7 @@ from llmlab.methods import load_adapter
 from llmlab.methods.lora import save_adapter
 from llmlab.serve import load_engine, parse_adapters
 from llmlab.serve.engine import Engine, GenerationRequest, QueueFull
-from llmlab.serve.lora_multi import MultiLoRA
+from llmlab.serve.lora_multi import MultiLoRA, MultiLoRALinear
 from llmlab.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -252,3 +254,117 @@ def test_bad_requests_and_options(fixture, engine):
             pass
     with pytest.raises(LLMLabError, match="--max-batch and --queue-size"):
         Engine(load_checkpoint(fixture[0]), engine.tokenizer, [], max_batch=0)
+
+
+# -- log-probabilities -------------------------------------------------------------------------------------
+def run_collecting(engine, req) -> list:
+    """Submit `req`, wait, and return its events."""
+    events, done = [], threading.Event()
+    req.sink = lambda ev: (events.append(ev), ev.kind in ("done", "error") and done.set())
+    engine.submit(req)
+    assert done.wait(60)
+    return events
+
+
+def test_logprobs_are_the_models_own_whatever_the_temperature(fixture, engine):
+    """Sampled at temperature 1.5, each token's reported log-probability is the model's (an fp32 log-softmax of its
+    logits, the function `llmlab evaluate` scores with), and the alternatives are its most likely tokens."""
+    from llmlab.eval.scoring import token_logprobs
+
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    events = run_collecting(engine, GenerationRequest(ids, 8, SamplingParams(temperature=1.5, seed=3), logprobs=3))
+    scores = [e for ev in events for e in ev.logprobs or []]
+    generated = [e.token for e in scores]
+    assert len(generated) == 8 and all(len(e.top) == 3 for e in scores)
+    model = load_checkpoint(fixture[0]).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + generated]))[0, len(ids) - 1:-1]
+    ref = token_logprobs(logits, torch.tensor(generated), 3)
+    torch.testing.assert_close(torch.tensor([e.logprob for e in scores]), ref.logprobs, atol=1e-4, rtol=0)
+    assert [[t for t, _ in e.top] for e in scores] == ref.top_ids.tolist()
+    assert any(e.logprob < e.top[0][1] for e in scores), "at temperature 1.5 some token should not be the argmax"
+
+
+def test_prompt_scores_and_max_tokens_zero_equal_llmlab_scoring(fixture, engine):
+    """`prompt_logprobs` with max_tokens 0 scores the prompt (every position, no prefix reuse) and generates
+    nothing; the sum is what `llmlab evaluate`'s log-likelihood gives, with or without an adapter."""
+    from llmlab.eval.scoring import loglikelihoods
+
+    ckpt, adapters = fixture
+    ids = engine.tokenizer.encode(PROMPTS[2])
+    engine.generate(GenerationRequest(ids, 2), 60)  # now the whole prompt is in the prefix cache
+    for adapter in (None, "alpha"):
+        req = GenerationRequest(ids, 0, prompt_logprobs=2, adapter=adapter)
+        events = run_collecting(engine, req)
+        assert [(e.kind, e.text, e.finish_reason) for e in events[:-1]] == [("finish", "", "length")]
+        assert req.completion_tokens == 0 and req.prompt_scores[0] is None
+        assert [e.token for e in req.prompt_scores[1:]] == ids[1:]
+        model = load_checkpoint(ckpt).eval()
+        if adapter:
+            load_adapter(model, adapters[adapter])
+        (want, greedy), = loglikelihoods(model, [(ids[:1], ids[1:])])
+        assert sum(e.logprob for e in req.prompt_scores[1:]) == pytest.approx(want, abs=1e-3)
+    with pytest.raises(LLMLabError, match="max_tokens must be at least 1"):
+        engine.submit(GenerationRequest(ids, 0))
+
+
+# -- adapters loaded and unloaded while the engine runs ----------------------------------------------------
+def test_adapters_load_and_unload_while_running(fixture):
+    """An engine started without adapters loads one (the same output as one loaded at start), unloads it while a
+    request uses it (that request finishes exactly as it would have; new ones are refused at once; the weights go
+    when it is done and the model is the plain base again), and loads another under the same name (no stale
+    prefix cache)."""
+    ckpt, adapters = fixture
+    eng, tok = load_engine(ckpt, max_batch=4, max_seq_len=128)
+    try:
+        ids = tok.encode(PROMPTS[0])
+        eng.load_adapter("alpha", adapters["alpha"])
+        assert eng.adapter_names() == ["alpha"]
+        uninterrupted = eng.generate(GenerationRequest(ids, 40, adapter="alpha"), 60)
+        assert uninterrupted == [alone(ckpt, ids, 40, adapters["alpha"])]
+
+        def slow(generated, logits):
+            time.sleep(0.02)
+            return logits
+
+        events = []
+        running = GenerationRequest(ids, 40, adapter="alpha", logits_processor_factory=lambda: slow,
+                                    sink=events.append)
+        eng.submit(running)
+        assert wait_for(lambda: running.completion_tokens >= 2)
+        eng.unload_adapter("alpha")
+        assert eng.adapter_names() == [] and running.completion_tokens < 40
+        with pytest.raises(LLMLabError, match="unknown adapter 'alpha'"):
+            eng.submit(GenerationRequest(ids, 4, adapter="alpha"))
+        with pytest.raises(LLMLabError, match="no adapter named 'alpha'"):
+            eng.unload_adapter("alpha")
+        assert wait_for(lambda: events and events[-1].kind == "done")
+        assert "".join(e.text for e in events) == uninterrupted[0][0]
+        assert wait_for(lambda: eng.adapters.names == [])
+        assert not any(isinstance(m, MultiLoRALinear) for m in eng.model.modules())
+        eng.load_adapter("alpha", adapters["beta"])  # the same name, other weights
+        assert eng.generate(GenerationRequest(ids, 12, adapter="alpha"), 60) == [alone(ckpt, ids, 12,
+                                                                                       adapters["beta"])]
+        with pytest.raises(LLMLabError, match="named 'alpha' is loaded already"):
+            eng.load_adapter("alpha", adapters["alpha"])
+    finally:
+        eng.close()
+
+
+def test_an_adapter_that_does_not_fit_leaves_the_engine_as_it_was(fixture, tmp_path):
+    ckpt, adapters = fixture
+    eng, tok = load_engine(ckpt, {"alpha": adapters["alpha"]}, max_batch=2, max_seq_len=128)
+    try:
+        key = "model.layers.{}.self_attn.qkv_proj.lora_{}.q"
+        save_adapter(tmp_path / "narrow", {key.format(0, "A"): torch.zeros(4, 32), key.format(0, "B"):
+                                           torch.zeros(64, 4)}, LoRAConfig(r=4, targets="q"))
+        before = {name: type(m) for name, m in eng.model.named_modules()}
+        for folder, message in ((tmp_path / "narrow", "does not fit this model"),
+                                (tmp_path / "missing", "no adapter_config.json"),
+                                (tmp_path / ("x" * 5000), "cannot read the adapter|no adapter_config.json")):
+            with pytest.raises(LLMLabError, match=message):
+                eng.load_adapter("new", folder)
+        assert eng.adapter_names() == ["alpha"]
+        assert {name: type(m) for name, m in eng.model.named_modules()} == before
+    finally:
+        eng.close()

@@ -415,8 +415,9 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
           max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto", index: Path | None = None,
-          allowed_hosts: list[str] | None = None) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, streaming) with a chat page.
+          allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, responses, embeddings,
+    streaming) with a chat page.
 
     Requests are batched continuously (new ones join the running batch between decode steps); each request picks
     the base model or one of the LoRA adapters by its `model` field, and one batch mixes them. Open
@@ -441,6 +442,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         allowed_hosts: Host names a request's Host header may give, against DNS rebinding (repeat the option;
             "*.example.com" matches subdomains, "*" any). Default: localhost, 127.0.0.1 and [::1] when --host is a
             loopback address, any otherwise.
+        allow_adapter_loading: Let clients with the API key load and unload LoRA adapters while the server runs
+            (POST /v1/load_lora_adapter with a folder on this machine, /v1/unload_lora_adapter); needs --api-key.
     """
     import os
 
@@ -466,8 +469,11 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
         docs = open_index(index)
     copilot = CopilotExtension(tokenizer, engine.model.config.vocab_size, docs)
+    from llmlab.serve.embeddings import EmbeddingModel
+
     app = create_app(engine, tokenizer, name, api_key=key, extensions=[copilot],
-                     allowed_hosts=allowed_hosts or default_allowed_hosts(host))
+                     allowed_hosts=allowed_hosts or default_allowed_hosts(host), embeddings=EmbeddingModel(),
+                     allow_adapter_loading=allow_adapter_loading)
     print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}) on http://{host}:{port}/",
           file=sys.stderr)
     try:

@@ -110,6 +110,20 @@ def bounded_schema(schema: dict[str, Any], max_string: int = 100, max_items: int
     return walk(copy.deepcopy(schema))
 
 
+def json_object_schema(depth: int = 2, max_properties: int = 16) -> dict[str, Any]:
+    """A JSON object with any keys and values (OpenAI's `json_object` mode), within bounds that make generation end:
+    at most `max_properties` keys of 1-40 characters, values that are strings, numbers, booleans, null, arrays, or
+    objects of the same kind nested `depth` levels at most (strings and arrays bounded as in `bounded_schema`).
+    llguidance has no `propertyNames`, so the keys are bounded through `patternProperties`."""
+    scalar: list[dict[str, Any]] = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+    value: dict[str, Any] = {"anyOf": [*scalar, {"type": "array", "items": {"anyOf": scalar}}]}
+    for _ in range(depth):
+        obj = {"type": "object", "maxProperties": max_properties, "additionalProperties": False,
+               "patternProperties": {"^[^{}<>\\x00-\\x1f]{1,40}$": value}}
+        value = {"anyOf": [*value["anyOf"], obj]}
+    return obj
+
+
 def _compact(schema: dict[str, Any]) -> dict[str, Any]:
     return {**schema, "x-guidance": {**schema.get("x-guidance", {}), "whitespace_flexible": False}}
 
@@ -130,20 +144,24 @@ def tool_call_schema(tools: list[dict[str, Any]]) -> dict[str, Any]:
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
-def tool_call_grammar(tools: list[dict[str, Any]], allow_text: bool) -> str:
+def tool_call_grammar(tools: list[dict[str, Any]], allow_text: bool, reply_schema: dict[str, Any] | None = None
+                      ) -> str:
     """Lark grammar: `<tool_call>{"name": ..., "arguments": ...}</tool_call>` with JSON matching the named tool's
-    parameter schema; with `allow_text`, a plain-text reply (not starting with '<') is the other choice (the only
-    one when `tools` is empty)."""
+    parameter schema; with `allow_text`, a reply is the other choice (the only one when `tools` is empty): plain
+    text not starting with '<', or with `reply_schema` one JSON value matching it (a structured reply)."""
     if not tools and not allow_text:
         raise LLMLabError("a tool call grammar needs at least one tool, or plain text allowed")
+    reply = "TEXT" if reply_schema is None else "reply"
     lines = []
     if tools:
         call = json.dumps(_compact(bounded_schema(tool_call_schema(tools))))
-        lines = [f'start: "{TOOL_CALL_OPEN}" call "{TOOL_CALL_CLOSE}"' + (" | TEXT" if allow_text else ""),
+        lines = [f'start: "{TOOL_CALL_OPEN}" call "{TOOL_CALL_CLOSE}"' + (f" | {reply}" if allow_text else ""),
                  f"call: %json {call}"]
-    else:  # plain text only: a reply that does not start a tool call
-        lines = ["start: TEXT"]
-    if allow_text:
+    else:  # a reply only, which does not start a tool call
+        lines = [f"start: {reply}"]
+    if allow_text and reply_schema is not None:
+        lines.append(f"reply: %json {json.dumps(_compact(bounded_schema(reply_schema)))}")
+    elif allow_text:
         lines.append(r"TEXT: /[^<](.|\n)*/")
     return llguidance.LLMatcher.grammar_from_lark("\n".join(lines))
 
@@ -197,6 +215,8 @@ def json_processor(tokenizer: Tokenizer, schema: dict[str, Any], vocab_size: int
 
 
 def tool_call_processor(tokenizer: Tokenizer, tools: list[dict[str, Any]], allow_text: bool,
-                        vocab_size: int | None = None) -> GrammarLogitsProcessor:
-    """A processor whose output is a tool call for one of `tools` (or, with `allow_text`, a plain reply)."""
-    return GrammarLogitsProcessor(tokenizer, tool_call_grammar(tools, allow_text), vocab_size)
+                        vocab_size: int | None = None, reply_schema: dict[str, Any] | None = None
+                        ) -> GrammarLogitsProcessor:
+    """A processor whose output is a tool call for one of `tools` (or, with `allow_text`, a plain reply, or one
+    matching `reply_schema`)."""
+    return GrammarLogitsProcessor(tokenizer, tool_call_grammar(tools, allow_text, reply_schema), vocab_size)

@@ -12,8 +12,10 @@ import math
 import re
 import string
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
 from llmlab.errors import LLMLabError
 from llmlab.model import LLaMA
@@ -45,6 +47,26 @@ def prefix_token(tokenizer: Tokenizer) -> int:
 
 
 # -- log-likelihoods -----------------------------------------------------------------------------------
+class TokenScores(NamedTuple):
+    """Per position: log p of the target token, whether it is the argmax, and the `top` most likely tokens."""
+
+    logprobs: Tensor  # (n,)
+    greedy: Tensor  # (n,) bool
+    top_logprobs: Tensor  # (n, top), most likely first
+    top_ids: Tensor  # (n, top)
+
+
+def token_logprobs(logits: Tensor, targets: Tensor, top: int = 0) -> TokenScores:
+    """Score `targets` (n,) under the next-token `logits` (n, V): an fp32 log-softmax of the model's own logits (no
+    temperature or other sampling filter). `llmlab evaluate`'s log-likelihoods and the server's `logprobs` / `echo`
+    both come from here, so a score is the same number whichever way it is asked for."""
+    logprobs = logits.float().log_softmax(-1)  # (n, V)
+    chosen = logprobs.gather(-1, targets[:, None])[:, 0]
+    greedy = logprobs.argmax(-1) == targets
+    values, ids = logprobs.topk(min(top, logprobs.size(-1)), dim=-1)  # top 0: (n, 0)
+    return TokenScores(chosen, greedy, values, ids)
+
+
 @torch.inference_mode()
 def loglikelihoods(model: LLaMA, requests: Sequence[tuple[Sequence[int], Sequence[int]]], batch_size: int = 8,
                    max_batch_tokens: int = 4096,
@@ -81,11 +103,8 @@ def loglikelihoods(model: LLaMA, requests: Sequence[tuple[Sequence[int], Sequenc
         logits = model(batch)  # (B, T, V)
         for r, i in enumerate(chunk):
             ids, targets = rows[i]
-            logprobs = logits[r, len(ids) - len(targets):len(ids)].float().log_softmax(-1)  # (n_targets, V)
-            target = torch.tensor(targets, device=device)
-            score = logprobs.gather(-1, target[:, None]).sum().item()
-            greedy = bool((logprobs.argmax(-1) == target).all().item())
-            out[i] = (score, greedy)
+            scores = token_logprobs(logits[r, len(ids) - len(targets):len(ids)], torch.tensor(targets, device=device))
+            out[i] = (scores.logprobs.sum().item(), bool(scores.greedy.all().item()))
         start += len(chunk)
         if progress is not None:
             progress(len(chunk))

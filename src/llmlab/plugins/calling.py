@@ -150,12 +150,14 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[dict[str, Any]]]:
 
 
 def tool_logits_processor(tokenizer: Tokenizer, tools: list[dict[str, Any]] | None, tool_choice: Any,
-                          vocab_size: int | None = None) -> GrammarLogitsProcessor | None:
-    """The processor that makes a reply obey `tool_choice`, or None when no tool may be called (free text)."""
+                          vocab_size: int | None = None, reply_schema: dict[str, Any] | None = None
+                          ) -> GrammarLogitsProcessor | None:
+    """The processor that makes a reply obey `tool_choice`, or None when no tool may be called (free text). With
+    `reply_schema`, a reply that is no call is JSON matching it (OpenAI's `response_format` beside `tools`)."""
     allowed, allow_text = select_tools(tools, tool_choice)
     if not allowed:
         return None
-    return tool_call_processor(tokenizer, allowed, allow_text, vocab_size)
+    return tool_call_processor(tokenizer, allowed, allow_text, vocab_size, reply_schema)
 
 
 class ToolChat:

@@ -23,6 +23,19 @@ and that row's fp32 logits (V,), and samples from what it returns (set disallowe
 finite). It runs on the engine thread inside `torch.inference_mode()`, once per choice per step, so it should be
 quick and must not block. An exception in the factory or the processor fails that request alone (an "error"
 event); the others go on. The API layer passes it through from a chat extension (`llmlab.serve.api`).
+
+Log-probabilities (`logprobs`, `echo`): a request with `logprobs = k` gets, with each event, the tokens it covers
+with their log-probabilities and the k most likely tokens at each position (`TokenLogprob`, sampled tokens only,
+EOS included); with `prompt_logprobs = k` the prompt's tokens are scored too (`prompt_scores`, filled in before the
+request's first event; the prompt is then prefilled whole, without the prefix reuse, since every position's logits
+are needed), and `max_tokens` may be 0 (score the prompt, generate nothing). Both are the model's own
+log-probabilities, an fp32 log-softmax of its logits before temperature, top-p or a grammar, computed by
+`llmlab.eval.scoring.token_logprobs`, the function `llmlab evaluate` scores with.
+
+Adapters can be loaded and unloaded while the engine runs (`load_adapter`, `unload_adapter`): the files are read
+and checked on the caller's thread, and the engine pauses between two steps only to put the weights in place. An
+unloaded adapter is refused to new requests at once; its weights go when the last request using it (running or
+waiting) has finished, so requests in flight are never affected.
 """
 
 from __future__ import annotations
@@ -34,12 +47,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
+from llmlab.eval.scoring import TokenScores, token_logprobs
 from llmlab.generate import LogitsProcessor, SamplingParams, TextStream, sample
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
@@ -52,12 +67,29 @@ class QueueFull(LLMLabError):
 
 
 @dataclass
+class TokenLogprob:
+    """A token, its log-probability under the model, and the `top` most likely tokens at its position, most likely
+    first ((token id, log-probability) pairs)."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+def _entries(scores: TokenScores, tokens: Sequence[int]) -> list[TokenLogprob]:
+    logprobs, top_ids, top_logprobs = scores.logprobs.tolist(), scores.top_ids.tolist(), scores.top_logprobs.tolist()
+    return [TokenLogprob(t, lp, list(zip(ids, lps)))
+            for t, lp, ids, lps in zip(tokens, logprobs, top_ids, top_logprobs)]
+
+
+@dataclass
 class Event:
     """What the engine tells a request's sink.
 
     kind "delta": new text of choice `index`; "finish": the last text of choice `index` and its `finish_reason`
     ("stop": EOS or a stop string, "length": max_tokens or the cache is full); "done": every choice finished,
-    `usage` holds the token counts; "error": the request failed (`message`), nothing follows.
+    `usage` holds the token counts; "error": the request failed (`message`), nothing follows. With the request's
+    `logprobs`, a "delta" or "finish" event carries the tokens sampled since the choice's previous event.
     """
 
     kind: str
@@ -66,6 +98,7 @@ class Event:
     finish_reason: str | None = None
     usage: dict[str, int] | None = None
     message: str | None = None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -79,8 +112,11 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     adapter: str | None = None
     logits_processor_factory: Callable[[], LogitsProcessor] | None = None  # called once per choice
+    logprobs: int | None = None  # report each sampled token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (then max_tokens may be 0)
     sink: Callable[[Event], None] | None = None
     # set by the engine
+    prompt_scores: list[TokenLogprob | None] | None = None  # with prompt_logprobs (None for the first token)
     id: int = 0
     cancelled: bool = False
     completion_tokens: int = 0
@@ -96,7 +132,7 @@ class GenerationRequest:
 class _Row:
     """One choice of one request: a row of the running batch (and of the KV cache)."""
 
-    __slots__ = ("req", "index", "pos", "last", "ids", "text", "done", "processor")
+    __slots__ = ("req", "index", "pos", "last", "ids", "text", "done", "processor", "scores")
 
     def __init__(self, req: GenerationRequest, index: int, pos: int, text: TextStream) -> None:
         self.req, self.index, self.pos, self.text = req, index, pos, text
@@ -104,6 +140,13 @@ class _Row:
         self.ids: list[int] = []
         self.done = False
         self.processor: LogitsProcessor | None = None  # this choice's own, from the request's factory
+        self.scores: list[TokenLogprob] = []  # with the request's `logprobs`: the tokens not reported yet
+
+    def take_scores(self) -> list[TokenLogprob] | None:
+        if self.req.logprobs is None:
+            return None
+        scores, self.scores = self.scores, []
+        return scores
 
 
 class Engine:
@@ -127,6 +170,7 @@ class Engine:
         self._ids = itertools.count(1)
         self._closing = False
         self._prefix: dict[str | None, tuple[Sequence[int], list[tuple[Tensor, Tensor]]]] = {}  # adapter -> last prompt
+        self._retiring: set[str] = set()  # adapters unloaded while requests still use them
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0,
                       "prefix_tokens": 0}
         self._thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
@@ -142,10 +186,8 @@ class Engine:
                               f"{self.max_seq_len} tokens (--max-seq-len), prompt and output together")
         if not 1 <= req.n <= self.max_batch:
             raise LLMLabError(f"n must be between 1 and {self.max_batch} (the server's --max-batch), got {req.n}")
-        if req.max_tokens < 1:
+        if req.max_tokens < (0 if req.prompt_logprobs is not None else 1):
             raise LLMLabError(f"max_tokens must be at least 1, got {req.max_tokens}")
-        if req.adapter is not None and (self.adapters is None or req.adapter not in self.adapters.names):
-            raise LLMLabError(f"unknown adapter '{req.adapter}'")
         req.generator = torch.Generator(device=self.device)
         if req.sampling.seed is None:
             req.generator.seed()
@@ -155,6 +197,9 @@ class Engine:
         with self._cv:
             if self._closing:
                 raise QueueFull("the server is shutting down")
+            # under the lock `_free_retired` holds: an adapter is never freed between this check and the append
+            if req.adapter is not None and req.adapter not in self.adapter_names():
+                raise LLMLabError(f"unknown adapter '{req.adapter}'")
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting (--queue-size "
                                 f"{self.queue_size}); retry later")
@@ -170,6 +215,40 @@ class Engine:
             req.cancelled = True
             with self._cv:
                 self._cv.notify()
+
+    def adapter_names(self) -> list[str]:
+        """The adapters requests may use now (loaded, and not being unloaded)."""
+        return [] if self.adapters is None else [n for n in self.adapters.names if n not in self._retiring]
+
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve the LoRA adapter in `folder` as `name` from the next step on. The files are read and checked here,
+        on the caller's thread (LLMLabError when they are no LoRA adapter of this base model); the engine only
+        pauses between two steps to put the weights in place."""
+        from llmlab.serve.lora_multi import MultiLoRA
+
+        if self.adapters is not None and name in self.adapters.names:
+            raise LLMLabError(f"an adapter named '{name}' is loaded already; unload it first")
+        try:
+            staged = (self.adapters or MultiLoRA(self.model)).stage(name, folder)
+        except (OSError, ValueError) as e:  # a path the OS refuses (too long, a NUL byte, no permission)
+            raise LLMLabError(f"{folder}: cannot read the adapter: {e}") from e
+        with self.lock:  # between two steps
+            if self.adapters is None:
+                self.adapters = MultiLoRA(self.model)
+            if name in self.adapters.names:  # another load of the same name won the race
+                raise LLMLabError(f"an adapter named '{name}' is loaded already; unload it first")
+            self.adapters.install(staged)
+            self._prefix.pop(name, None)
+
+    def unload_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`: new requests for it are refused from now on; its weights are freed as soon as
+        no running or waiting request uses it (at once when none does). LLMLabError for a name not served."""
+        with self.lock:
+            if name not in self.adapter_names():
+                raise LLMLabError(f"there is no adapter named '{name}' (loaded: {self.adapter_names()})")
+            self._retiring.add(name)
+            self._prefix.pop(name, None)
+            self._free_retired()
 
     def status(self) -> dict[str, int]:
         """Rows decoding now, requests waiting, and counters since start (requests, tokens, cancelled, ...)."""
@@ -228,11 +307,21 @@ class Engine:
                         self._admit()
                         if self._rows:
                             self._step()
+                        if self._retiring:
+                            self._free_retired()
                     except Exception as e:  # a failing step must not take the server down: fail its requests
                         log.exception("engine step failed")
                         for req in {id(r.req): r.req for r in self._rows}.values():
                             self._fail(req, f"generation failed: {e}")
                         self._rows.clear()
+
+    def _free_retired(self) -> None:
+        """Remove the unloaded adapters no request uses any more (with `lock` held: between steps)."""
+        with self._cv:  # `submit` checks adapter names under it
+            used = {r.req.adapter for r in self._rows} | {req.adapter for req in self._waiting}
+            for name in self._retiring - used:
+                self.adapters.remove(name)
+                self._retiring.discard(name)
 
     def _drop_cancelled(self) -> None:
         dropped = {id(r.req): r.req for r in self._rows if r.req.cancelled}
@@ -266,6 +355,10 @@ class Engine:
         for i, req in enumerate(batch):  # rows go in the order of their cache rows; compaction waits for all
             new = [_Row(req, j, len(req.prompt_ids), TextStream(self.tokenizer, req.stop)) for j in range(req.n)]
             self._rows.extend(new)
+            if req.max_tokens == 0:  # the prompt scored (echo), nothing to generate
+                for row in new:
+                    self._finish(row, "length")
+                continue
             self._advance(req, new, logits[i:i + 1].expand(req.n, -1), " in prefill")
         self._compact()
 
@@ -280,8 +373,8 @@ class Engine:
         the row can see it (the per-row causal mask)."""
         S, dev = self.max_seq_len, self.device
         cache_rows, starts, row = [], [], first
-        for req in batch:
-            starts.append(self._reuse_prefix(req, row))
+        for req in batch:  # a prompt to score is run whole: every position's logits are needed
+            starts.append(0 if req.prompt_logprobs is not None else self._reuse_prefix(req, row))
             cache_rows.append(row)
             row += req.n
         lens = [len(req.prompt_ids) - s for req, s in zip(batch, starts)]
@@ -295,11 +388,24 @@ class Engine:
                                 kv_len=min(S, max(starts) + T), return_hidden=True)  # (k, T, hidden)
         last = hidden[torch.arange(len(batch), device=dev), torch.tensor(lens, device=dev) - 1]  # (k, hidden)
         logits = self.model.lm_head(last).float()  # (k, V)
+        for i, req in enumerate(batch):
+            if req.prompt_logprobs is not None:
+                req.prompt_scores = [None, *self._score_prompt(req, hidden[i, :lens[i] - 1])]
         for req, r in zip(batch, cache_rows):
             self._remember_prefix(req, r)
             for j in range(1, req.n):  # the other choices start from a copy of the prompt's cache
                 self._copy_row(r, r + j, len(req.prompt_ids))
         return logits
+
+    def _score_prompt(self, req: GenerationRequest, hidden: Tensor, chunk: int = 256) -> list[TokenLogprob]:
+        """Each prompt token after the first, scored from the hidden states before it (T-1, hidden); the head runs
+        on `chunk` positions at a time, so a long prompt never holds (T, V) logits at once."""
+        targets = torch.tensor(req.prompt_ids[1:], device=self.device)
+        out: list[TokenLogprob] = []
+        for a in range(0, len(targets), chunk):
+            scores = token_logprobs(self.model.lm_head(hidden[a:a + chunk]), targets[a:a + chunk], req.prompt_logprobs)
+            out += _entries(scores, req.prompt_ids[1 + a:1 + a + chunk])
+        return out
 
     def _reuse_prefix(self, req: GenerationRequest, row: int) -> int:
         """Copy the cached keys/values of the longest prefix this prompt shares with the last prompt prefilled for
@@ -357,12 +463,18 @@ class Engine:
         self._accept(rows, picked)
 
     def _sample(self, req: GenerationRequest, rows: list[_Row], logits: Tensor) -> list[int]:
+        model_logits = logits
         if req.logits_processor_factory is not None:
             for r in rows:
                 if r.processor is None:
                     r.processor = req.logits_processor_factory()
             logits = torch.stack([r.processor(list(r.ids), logits[i]) for i, r in enumerate(rows)])
-        return sample(logits, req.sampling, req.generator).view(-1).tolist()
+        picked = sample(logits, req.sampling, req.generator).view(-1)
+        tokens = picked.tolist()
+        if req.logprobs is not None:  # the model's own log-probabilities, not the filtered ones sampled from
+            for r, entry in zip(rows, _entries(token_logprobs(model_logits, picked, req.logprobs), tokens)):
+                r.scores.append(entry)
+        return tokens
 
     def _accept(self, rows: list[_Row], tokens: list[int]) -> None:
         for row, tok in zip(rows, tokens):
@@ -380,12 +492,12 @@ class Engine:
             elif len(row.ids) >= req.max_tokens or row.pos >= self.max_seq_len:
                 self._finish(row, "length", piece)
             elif piece:
-                self._emit(req, Event("delta", row.index, piece))
+                self._emit(req, Event("delta", row.index, piece, logprobs=row.take_scores()))
 
     def _finish(self, row: _Row, reason: str, piece: str = "") -> None:
         row.done = True
         req = row.req
-        self._emit(req, Event("finish", row.index, piece + row.text.finish(), reason))
+        self._emit(req, Event("finish", row.index, piece + row.text.finish(), reason, logprobs=row.take_scores()))
         req._open -= 1
         if req._open == 0:
             self.stats["finished"] += 1

@@ -10,7 +10,9 @@ distinct adapter in the batch, not per row, and no weight is copied per step.
 
 Adapters are read with `llmlab.methods.lora.read_adapter` and checked against the base model with
 `llmlab.methods.adapters.check_base`, so what `llmlab finetune --method lora` or PEFT writes serves as is. The base
-weights are never changed.
+weights are never changed. Loading is two steps, `stage` (read and check the files, build the matrices: slow, changes
+nothing) and `install` (put them in place: quick), so a server loads an adapter while it runs and pauses only for the
+second; `remove` takes one out (and puts a projection no adapter targets any more back as the plain nn.Linear).
 """
 
 from __future__ import annotations
@@ -64,6 +66,11 @@ class MultiLoRA:
 
     def add(self, name: str, folder: str | Path) -> None:
         """Load the PEFT LoRA adapter of `folder` under `name` (checked against the base model)."""
+        self.install(self.stage(name, folder))
+
+    def stage(self, name: str, folder: str | Path) -> tuple[str, list[tuple[str, Tensor, Tensor]]]:
+        """Read and check the adapter in `folder` and build its per-projection matrices, for `install`; the model
+        is not touched (LLMLabError when the adapter does not fit it)."""
         if name in self.names:
             raise LLMLabError(f"--adapter: the name '{name}' is given twice")
         if adapter_kind(folder) == BOTTLENECK:
@@ -101,9 +108,29 @@ class MultiLoRA:
                 B[lo:hi, col:col + r] = b.to(dev, dt) * lora_scale(config.alpha, r, config.rslora)  # as LoRALinear
                 col += a.shape[0]
             staged.append((path, A, B))
-        for path, A, B in staged:  # only now, so a bad adapter leaves the model untouched
+        return name, staged
+
+    def install(self, staged: tuple[str, list[tuple[str, Tensor, Tensor]]]) -> None:
+        """Serve an adapter `stage` prepared (a bad adapter failed there, leaving the model untouched)."""
+        name, parts = staged
+        if name in self.names:
+            raise LLMLabError(f"--adapter: the name '{name}' is given twice")
+        for path, A, B in parts:
             self._wrapper(path).add(name, A, B)
         self.names.append(name)
+
+    def remove(self, name: str) -> None:
+        """Stop serving adapter `name` and free its matrices (no batch may be using it)."""
+        if name not in self.names:
+            raise LLMLabError(f"unknown adapter '{name}'; loaded: {self.names}")
+        for path, module in list(self.modules.items()):
+            module.A.pop(name, None)
+            module.B.pop(name, None)
+            if not module.A:  # no adapter targets this projection any more
+                parent, _, attr = path.rpartition(".")
+                setattr(self.model.get_submodule(parent), attr, module.base)
+                del self.modules[path]
+        self.names.remove(name)
 
     def _base_linear(self, path: str) -> nn.Linear:
         module = self.modules.get(path) or self.model.get_submodule(path)
