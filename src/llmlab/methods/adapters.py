@@ -31,7 +31,6 @@ from torch import Tensor, nn
 
 from llmlab.checkpoint import read_safetensors, write_folder, write_json
 from llmlab.errors import LLMLabError
-from llmlab.hub import hub_repo_id
 from llmlab.methods.base import Method
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -171,6 +170,9 @@ def base_model_reference(base_model: str | Path | None) -> str | None:
     folder = Path(base_model).expanduser()
     if not folder.is_dir():
         return str(base_model)
+    # llmlab.hub imports gguf; training must not need it (benchmarks/gpu.py runs where only torch & co. are installed)
+    from llmlab.hub import hub_repo_id
+
     return hub_repo_id(folder) or str(folder.resolve())
 
 
