@@ -14,6 +14,7 @@ stop strings) -> `generate` / `stream` / `ChatSession`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,9 +134,12 @@ def decode_one_token(model: LLaMA, token: Tensor, input_pos: Tensor, position_id
                      kv_len: int | None = None) -> Tensor:
     """One decode step: token (B, 1) at cache slot `input_pos` (1,) -> next-token logits (B, V) fp32.
 
-    With `kv_len` None every argument keeps its shape and storage across steps, so this is the function to
-    `torch.compile`; eager decoding passes kv_len = filled slots, to skip attention over the empty rest.
+    Queries attend to cache slots [0, kv_len), kv_len defaulting to the mask's width (B, 1, 1, kv_len). This is the
+    function to `torch.compile`: on CUDA every argument keeps its shape and storage across steps (the full-width
+    mask; CUDA graphs want fixed shapes); on the CPU the mask is a view of the filled slots whose width is marked
+    dynamic, so one compiled graph reads only the filled part of the cache at every length.
     """
+    kv_len = mask.size(-1) if kv_len is None else kv_len
     return model(token, input_pos=input_pos, position_ids=position_ids, mask=mask, kv_len=kv_len)[:, -1].float()
 
 
@@ -152,6 +156,18 @@ def _decode_fn(compile: bool, device: torch.device) -> Callable[..., Tensor]:
     return _COMPILED[device.type]
 
 
+def _trusting_guards() -> Any:
+    """A context in which compiled code runs without re-checking its guards (torch >= 2.7; else a no-op).
+
+    A decode step's guards check every parameter and buffer of the model (about 1 ms a token on a CPU); within
+    one generation nothing they check can change, so only its first step evaluates them.
+    """
+    try:
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except (AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
 class _Batch:
     """The device state of one generation call: cache, key mask, positions, repetition mask, RNG."""
 
@@ -159,7 +175,7 @@ class _Batch:
     def __init__(self, model: LLaMA, prompts: list[list[int]], max_new_tokens: int, params: SamplingParams,
                  pad_id: int, compile: bool, process: Callable[[Tensor], Tensor] | None = None) -> None:
         self.model, self.params, self.process = model, params, process
-        device = model.lm_head.weight.device
+        device = model.device
         B, T = len(prompts), max(len(p) for p in prompts)
         S = T + max_new_tokens
         if compile:  # round up so that calls of similar length share one compiled graph
@@ -177,7 +193,9 @@ class _Batch:
         self.prefill_position_ids = (steps[None, :] - n_pad[:, None]).clamp(min=0)  # (B, T)
         self.step_mask = self.key_valid.view(B, 1, 1, S)  # a view: in-place updates of key_valid show through
         self.pos = torch.tensor([T], device=device)  # cache slot of the token fed next
-        self.slot = None if compile else T  # the same, on the host, for kv_len in eager mode
+        self.slot = T  # the same, on the host (for kv_len)
+        self.compiled, self.steps = compile, 0
+        self.full_width = compile and device.type != "cpu"  # fixed shapes for CUDA graphs
         self.position_ids = (T - n_pad)[:, None].clone()  # (B, 1) its RoPE position in each row
         self.seen = None
         if params.repetition_penalty != 1.0:
@@ -204,11 +222,17 @@ class _Batch:
         if self.seen is not None:
             self.seen.scatter_(1, token, True)
         self.key_valid.index_fill_(1, self.pos, True)
-        kv_len = None if self.slot is None else self.slot + 1
-        logits = self.decode(self.model, token, self.pos, self.position_ids, self.step_mask, kv_len)
+        if not self.compiled:  # eager: attend to the filled slots only
+            logits = self.decode(self.model, token, self.pos, self.position_ids, self.step_mask, self.slot + 1)
+        else:
+            mask = self.step_mask if self.full_width else self.step_mask[..., :self.slot + 1]
+            if not self.full_width:
+                torch._dynamo.mark_dynamic(mask, 3)
+            with _trusting_guards() if self.steps else contextlib.nullcontext():
+                logits = self.decode(self.model, token, self.pos, self.position_ids, mask)
         self.pos += 1
-        if self.slot is not None:
-            self.slot += 1
+        self.slot += 1
+        self.steps += 1
         self.position_ids += 1
         if self.process is not None:
             logits = self.process(logits)
@@ -502,10 +526,15 @@ def resolve_device(name: str) -> torch.device:
         raise LLMLabError(f"--device: '{name}' is not a device (expected auto, cpu, cuda or cuda:N)") from e
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """'auto' is bfloat16 on CUDA and float32 elsewhere; else one of float32, bfloat16, float16."""
+def resolve_dtype(name: str, device: torch.device, bf16_if_native: bool = False) -> torch.dtype:
+    """'auto' is bfloat16 on CUDA and float32 elsewhere, or, with `bf16_if_native`, bfloat16 on a CPU that computes
+    bf16 natively (`llmlab.hardware.native_bf16`: AVX-512 BF16 or AMX); else one of float32, bfloat16, float16."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        from llmlab.hardware import native_bf16
+
+        return torch.bfloat16 if bf16_if_native and native_bf16(device.type) else torch.float32
     from llmlab.checkpoint import DTYPES
 
     if name not in DTYPES:
@@ -513,12 +542,33 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_for_generation(folder: str | Path, device: str = "auto",
-                        dtype: str = "auto") -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
-    """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder."""
+def load_for_generation(path: str | Path, device: str = "auto", dtype: str = "auto", quantize: str | None = None,
+                        kernel: str = "auto", bf16_if_native: bool = False) -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
+    """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder or a GGUF file.
+
+    A GGUF file is loaded with its quantized tensors kept in their block formats (`llmlab.quantized`); `quantize`
+    ("int8" or "int4") quantizes a folder's float weights the same way (`quantize_model`). `kernel` picks the
+    quantized matmul kernel ("auto": measured on this machine). `bf16_if_native` makes dtype "auto" mean bfloat16
+    on CPUs that compute it natively (see `resolve_dtype`).
+    """
     from llmlab.checkpoint import load_checkpoint, load_generation_config
 
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    model = load_checkpoint(folder, device=dev, dtype=torch_dtype)
-    return model, Tokenizer.from_folder(folder), load_generation_config(folder)
+    torch_dtype = resolve_dtype(dtype, dev, bf16_if_native)
+    path = Path(path)
+    if path.is_file():
+        if quantize is not None:
+            raise LLMLabError(f"--quantize {quantize}: {path} is a GGUF file, which keeps its own quantization; "
+                              "--quantize applies to HF-format checkpoint folders")
+        from llmlab.gguf_import import load_gguf_quantized
+
+        return load_gguf_quantized(path, dev, torch_dtype, kernel)
+    if quantize is None:
+        model = load_checkpoint(path, device=dev, dtype=torch_dtype)
+    else:
+        from llmlab.quantized import QUANTIZE_MODES, quantize_model
+
+        if quantize not in QUANTIZE_MODES:
+            raise LLMLabError(f"--quantize: expected one of {', '.join(QUANTIZE_MODES)}, got '{quantize}'")
+        model = quantize_model(load_checkpoint(path, device=dev), quantize, kernel=kernel).to(torch_dtype)
+    return model, Tokenizer.from_folder(path), load_generation_config(path)
