@@ -172,13 +172,21 @@ class Int8Split(Kernel):
         return (spec.qmin >= -128 and spec.qmin + 2 ** spec.bits - 1 <= 127 and spec.in_features % spec.group == 0
                 and _op("_weight_int8pack_mm") is not None and spec.in_features // spec.group <= 128)
 
+    @staticmethod
+    def center(spec: QuantSpec) -> int:
+        """The code subtracted before scaling (the middle of the code range, 0 for signed formats): the bf16
+        rounding of a scale then errs by at most half the code range times it, as in the int4 kernel."""
+        return spec.qmin + 2 ** (spec.bits - 1)
+
     def pack(self, g: Groups) -> dict[str, Tensor]:
         n, k = g.shape
         nb = k // g.group
-        out = {"qweight": g.q.view(n, nb, g.group).transpose(0, 1).contiguous(),  # (K/group, N, group) int8
+        c = self.center(QuantSpec.of(g))
+        out = {"qweight": (g.q - c).view(n, nb, g.group).transpose(0, 1).contiguous(),  # (K/group, N, group) int8
                "scales": g.scale.t().contiguous().to(torch.bfloat16)}  # (K/group, N)
-        if g.zero is not None:
-            out["zeros"] = g.zero.t().contiguous().float()
+        if g.zero is not None or c:  # w = (q - c) * s + (zero + c * s)
+            zero = (g.zero if g.zero is not None else 0) + c * g.scale
+            out["zeros"] = zero.t().contiguous().float()
         return out
 
     def matmul(self, x: Tensor, buffers: dict[str, Tensor], spec: QuantSpec) -> Tensor:
@@ -200,7 +208,8 @@ class Int8Split(Kernel):
     def rows(self, buffers: dict[str, Tensor], spec: QuantSpec, index: Tensor) -> Groups:
         q = buffers["qweight"][:, index].transpose(0, 1).reshape(len(index), -1)
         zero = buffers["zeros"][:, index].t() if "zeros" in buffers else None
-        return Groups(q, buffers["scales"][:, index].t().float(), zero, spec.group, spec.bits, spec.qmin)
+        return Groups(q, buffers["scales"][:, index].t().float(), zero, spec.group, spec.bits,
+                      spec.qmin - self.center(spec))
 
 
 class Dequant(Kernel):
