@@ -457,14 +457,14 @@ def load_gguf_quantized(gguf_path: str | Path, device: torch.device | str = "cpu
             raise LLMLabError(f"{src}: tensor for '{name}' is missing")
         return value
 
-    def as_module(w: Any, bias: Tensor | None, table_only: bool = False) -> nn.Module:
+    def as_module(w: Any, bias: Tensor | None, table_only: bool = False, head: bool = False) -> nn.Module:
         if isinstance(w, Tensor):
             layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
             layer.weight = nn.Parameter(w, requires_grad=False)
             if bias is not None:
                 layer.bias = nn.Parameter(bias, requires_grad=False)
             return layer
-        return QuantLinear(w, bias, "dequant" if table_only else kernel, device)
+        return QuantLinear(w, bias, "dequant" if table_only else kernel, device, torch.float32 if head else None)
 
     def linear(prefix: str, parts: tuple[str, ...]) -> nn.Module:
         ws = [need(f"{prefix}{p}.weight") for p in parts]
@@ -492,7 +492,7 @@ def load_gguf_quantized(gguf_path: str | Path, device: torch.device | str = "cpu
     model.model.norm.weight = nn.Parameter(need("model.norm.weight"), requires_grad=False)
     embed = need("model.embed_tokens.weight")
     head = embed if config.tie_word_embeddings else need("lm_head.weight")
-    model.lm_head = as_module(head, None)
+    model.lm_head = as_module(head, None, head=True)  # fp32 logits
     if isinstance(embed, Tensor):
         model.model.embed_tokens = nn.Embedding(*embed.shape, device="meta")
         model.model.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)

@@ -129,7 +129,8 @@ class Kernel:
         raise NotImplementedError
 
     def matmul(self, x: Tensor, buffers: dict[str, Tensor], spec: QuantSpec) -> Tensor:
-        """x (M, K) -> x @ W.T (M, N) in x's dtype."""
+        """x (M, K) -> x @ W.T (M, N), in the dtype the kernel accumulates or returns (x's, bf16 or fp32): the
+        caller casts, so a layer that wants fp32 out (an LM head's logits) keeps the fp32 sums."""
         raise NotImplementedError
 
     def rows(self, buffers: dict[str, Tensor], spec: QuantSpec, index: Tensor) -> Groups:
@@ -155,9 +156,8 @@ class Int4PackCPU(Kernel):
 
     def matmul(self, x: Tensor, buffers: dict[str, Tensor], spec: QuantSpec) -> Tensor:
         # the kernel's fp32-activation path is scalar code, 10-30x slower: always feed it bf16
-        y = _op("_weight_int4pack_mm_for_cpu")(x.to(torch.bfloat16), buffers["packed"], spec.group,
-                                               buffers["scales_zeros"])
-        return y.to(x.dtype)
+        return _op("_weight_int4pack_mm_for_cpu")(x.to(torch.bfloat16), buffers["packed"], spec.group,
+                                                  buffers["scales_zeros"])
 
     def rows(self, buffers: dict[str, Tensor], spec: QuantSpec, index: Tensor) -> Groups:
         sz = buffers["scales_zeros"][:, index].float()  # (K/group, R, 2)
@@ -203,7 +203,7 @@ class Int8Split(Kernel):
                 y += mm(xs[:, j].contiguous(), q[j], s[j])
         if "zeros" in buffers:  # sum_k x_k * zero[n, g(k)] = (sum of x over each group) @ zeros
             y += xb.view(-1, nb, g).float().sum(-1) @ buffers["zeros"]
-        return y.to(x.dtype)
+        return y
 
     def rows(self, buffers: dict[str, Tensor], spec: QuantSpec, index: Tensor) -> Groups:
         q = buffers["qweight"][:, index].transpose(0, 1).reshape(len(index), -1)

@@ -57,11 +57,13 @@ class QuantLinear(nn.Module):
 
     `kernel` names the storage/matmul kernel (`int4pack`, `int8split`, `dequant`) or "auto": the fastest one that
     computes correctly on `device`, measured once per weight shape and cached (`llmlab.quant_kernels`).
-    Build it on its target device: the kernel's layout does not move between devices.
+    `out_dtype` None returns x's dtype; an LM head asks for float32, keeping the kernel's fp32 sums (bf16 logits
+    tie often among 49k tokens, and greedy decoding then depends on rounding). Build the layer on its target
+    device: the kernel's layout does not move between devices.
     """
 
     def __init__(self, groups: Groups, bias: Tensor | None = None, kernel: str = "auto",
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dev = torch.device(device) if device is not None else groups.q.device
         self.out_features, self.in_features = groups.shape
@@ -76,6 +78,7 @@ class QuantLinear(nn.Module):
         for name, t in buffers.items():
             self.register_buffer(name, t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(dev), requires_grad=False)
+        self.out_dtype = out_dtype
 
     def kernel_buffers(self) -> dict[str, Tensor]:
         """The kernel's buffers by name."""
@@ -101,6 +104,9 @@ class QuantLinear(nn.Module):
             y = _QuantMatmul.apply(x2, self)
         else:
             y = self.kernel.matmul(x2, self.kernel_buffers(), self.spec)
+        out_dtype = self.out_dtype or x.dtype
+        if y.dtype != out_dtype:
+            y = y.to(out_dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
@@ -203,11 +209,11 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "
     dtype = decoder.norm.weight.dtype
     device = decoder.norm.weight.device
 
-    def convert(linear: nn.Module, how: str) -> QuantLinear:
+    def convert(linear: nn.Module, how: str, out_dtype: torch.dtype | None = None) -> QuantLinear:
         w = linear.weight
         n, k = w.shape
         g = quantize_int4(w, group) if how == "int4" and k % group == 0 and n % 16 == 0 else quantize_int8(w)
-        return QuantLinear(g, linear.bias.detach() if linear.bias is not None else None, kernel, device)
+        return QuantLinear(g, linear.bias.detach() if linear.bias is not None else None, kernel, device, out_dtype)
 
     with torch.no_grad():
         for layer in decoder.layers:
@@ -215,7 +221,7 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "
                                  (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
                 setattr(parent, name, convert(getattr(parent, name), mode))
         tied = model.lm_head.weight is decoder.embed_tokens.weight
-        head = convert(model.lm_head, "int8")
+        head = convert(model.lm_head, "int8", torch.float32)
         model.lm_head = head
         table = head if tied else QuantLinear(quantize_int8(decoder.embed_tokens.weight), kernel="dequant",
                                               device=device)
