@@ -176,7 +176,8 @@ def _trusting_guards() -> Any:
     """A context in which compiled code runs without re-checking its guards (torch >= 2.7; else a no-op).
 
     A decode step's guards check every parameter and buffer of the model (about 1 ms a token on a CPU); within
-    one generation nothing they check can change, so only its first step evaluates them.
+    one generation nothing they check can change, so only its first step evaluates them all. Should a later step
+    need a recompilation after all, torch raises instead of guessing, and the step is run again with guards.
     """
     try:
         return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
@@ -210,7 +211,7 @@ class _Batch:
         self.step_mask = self.key_valid.view(B, 1, 1, S)  # a view: in-place updates of key_valid show through
         self.pos = torch.tensor([T], device=device)  # cache slot of the token fed next
         self.slot = T  # the same, on the host (for kv_len)
-        self.compiled, self.steps = compile, 0
+        self.compiled, self.steps, self.trust_guards = compile, 0, True
         self.full_width = compile and device.type != "cpu"  # fixed shapes for CUDA graphs
         self.native_gemv = device.type == "cpu" and B == 1 and model.dtype == torch.bfloat16
         self.position_ids = (T - n_pad)[:, None].clone()  # (B, 1) its RoPE position in each row
@@ -246,7 +247,16 @@ class _Batch:
                 mask = self.step_mask if self.full_width else self.step_mask[..., :self.slot + 1]
                 if not self.full_width:
                     torch._dynamo.mark_dynamic(mask, 3)
-                with _trusting_guards() if self.steps else contextlib.nullcontext():
+                logits = None
+                if self.steps and self.trust_guards:
+                    try:
+                        with _trusting_guards():
+                            logits = self.decode(self.model, token, self.pos, self.position_ids, mask)
+                    except RuntimeError as e:  # torch refuses to recompile without guards: evaluate them again
+                        if "skip_guard_eval_unsafe" not in str(e):
+                            raise
+                        self.trust_guards = False
+                if logits is None:
                     logits = self.decode(self.model, token, self.pos, self.position_ids, mask)
         self.pos += 1
         self.slot += 1
