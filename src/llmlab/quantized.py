@@ -35,13 +35,15 @@ class _QuantMatmul(torch.autograd.Function):
     """y = x @ W.T with W quantized and frozen: the gradient flows to x only."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:  # noqa: ANN001
-        ctx.layer = layer
-        return layer.kernel.matmul(x, layer.kernel_buffers(), layer.spec)
+    def forward(ctx, x: Tensor, layer: QuantLinear, out_dtype: torch.dtype) -> Tensor:
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        # cast inside: the gradient then arrives in out_dtype, not rounded to the kernel's bf16
+        return layer.kernel.matmul(x, layer.kernel_buffers(), layer.spec).to(out_dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # noqa: ANN001
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
         layer: QuantLinear = ctx.layer
+        grad = grad.to(ctx.x_dtype)
         n, k = layer.out_features, layer.in_features
         step = max(16, _BACKWARD_CHUNK // k)
         grad_x = None
@@ -49,7 +51,7 @@ class _QuantMatmul(torch.autograd.Function):
             index = torch.arange(start, min(n, start + step), device=grad.device)
             part = grad[:, start:start + step] @ layer.rows(index).dequantize(grad.dtype)
             grad_x = part if grad_x is None else grad_x + part
-        return grad_x, None
+        return grad_x, None, None
 
 
 class QuantLinear(nn.Module):
@@ -88,7 +90,7 @@ class QuantLinear(nn.Module):
     def device(self) -> torch.device:
         return getattr(self, self._names[0]).device
 
-    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202
+    def _apply(self, fn, recurse=True):
         # model.to(dtype) must not cast the kernel's scales: its kernel expects the dtypes it packed
         super()._apply(fn, recurse)
         for name, dtype in self._dtypes.items():
@@ -100,13 +102,13 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        out_dtype = self.out_dtype or x.dtype
         if torch.is_grad_enabled() and x.requires_grad:
-            y = _QuantMatmul.apply(x2, self)
+            y = _QuantMatmul.apply(x2, self, out_dtype)
         else:
             y = self.kernel.matmul(x2, self.kernel_buffers(), self.spec)
-        out_dtype = self.out_dtype or x.dtype
-        if y.dtype != out_dtype:
-            y = y.to(out_dtype)
+            if y.dtype != out_dtype:
+                y = y.to(out_dtype)
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
