@@ -20,8 +20,6 @@ saved in a kernel's layout, which depends on the CPU: their buffers are not part
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -240,8 +238,3 @@ def quantized_bytes(model: nn.Module) -> int:
             total += t.numel() * t.element_size()
     return total
 
-
-def bits_per_weight(layer: QuantLinear) -> float:
-    """Storage bits per weight of a quantized layer (codes, scales and zeros)."""
-    total = sum(t.numel() * t.element_size() for t in layer.kernel_buffers().values())
-    return 8 * total / math.prod((layer.out_features, layer.in_features))
