@@ -2,9 +2,16 @@
 
 Every engine decodes the same prompt for the same number of new tokens (EOS ignored); each is timed `--rounds`
 times, interleaved, and the median is reported. llmlab's reduced-precision variants are only fair if they keep
-quality, so the perplexity of each on a fixed text is printed beside its speed (fp32 is the reference).
+quality, so the perplexity of each on a fixed text is printed beside its speed (fp32 is the reference), and the
+bytes its weights occupy.
 
-    python benchmarks/bench_decode.py --ckpt checkpoints/smollm2-135m-instruct
+llmlab variants (`--variants`, comma-separated, each optionally `+compile` for the torch.compile'd decode step):
+float32 / bfloat16 (the float checkpoint), gguf (the GGUF's own quantized blocks, `llmlab.quantized`, activations
+in bf16), int8 / int4 (the float checkpoint quantized at load time). `--breakdown` profiles 16 decode steps of each
+llmlab variant and splits a token's time into weight matmuls, attention and the rest; `--memory` runs each variant
+in a fresh process (load, then 32 generated tokens) and reports its peak resident memory.
+
+    python benchmarks/bench_decode.py --ckpt checkpoints/smollm2-135m-instruct --variants float32,gguf+compile
 """
 
 from __future__ import annotations
@@ -12,15 +19,23 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from llmlab.checkpoint import dtype_from_name, load_checkpoint
-from llmlab.generate import generate_tokens
+from llmlab.generate import generate_tokens, load_for_generation
 from llmlab.model import LLaMA
+from llmlab.quantized import quantized_bytes
 from llmlab.tokenizer import Tokenizer
+
+WEIGHTS = ("float32", "bfloat16", "gguf", "int8", "int4")
+# profiler events of a token's weight matmuls and of its attention (the rest of the token's time is "other")
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::_weight_int4pack_mm_for_cpu", "aten::_weight_int8pack_mm"}
+ATTENTION_OPS = {"aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                 "aten::_scaled_dot_product_attention_math"}
 
 PROMPT = [{"role": "user", "content": "Explain in a few paragraphs how a bicycle stays upright while moving."}]
 # A fixed text (written for this benchmark) on which each variant's perplexity is measured.
@@ -55,6 +70,60 @@ def time_llmlab(model: LLaMA, prompt: list[int], n: int, compile: bool = False) 
     return n / dt
 
 
+def load_variant(weights: str, ckpt: Path, gguf: Path | None) -> LLaMA:
+    """The model of a variant's weights (see the module docstring), on the CPU, in eval mode."""
+    if weights in ("float32", "bfloat16"):
+        return load_for_generation(ckpt, device="cpu", dtype=weights)[0]
+    if weights == "gguf":
+        from llmlab.hub import ensure_default_gguf
+
+        return load_for_generation(gguf or ensure_default_gguf(), device="cpu", dtype="bfloat16")[0]
+    return load_for_generation(ckpt, device="cpu", dtype="bfloat16", quantize=weights)[0]
+
+
+def breakdown(model: LLaMA, prompt: list[int], compile: bool, steps: int = 16) -> dict[str, float]:
+    """Milliseconds per decode token: all of it (timed without the profiler), and, from a profiled run, the part
+    spent in weight matmuls and in attention; "other" is the rest (norms, RoPE, Python, guards, sampling)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = generate_tokens(model, [prompt], steps + 8 + 1, compile=compile)
+    for _ in range(8):  # prefill and warm-up (and compilation) are not part of a decode token
+        next(gen)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        next(gen)
+    total = (time.perf_counter() - t0) / steps * 1e3
+    gen.close()
+    gen = generate_tokens(model, [prompt], steps + 8 + 1, compile=compile)
+    for _ in range(8):
+        next(gen)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            next(gen)
+    gen.close()
+    events = prof.key_averages()
+    matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / steps / 1e3
+    attention = sum(e.self_cpu_time_total for e in events if e.key in ATTENTION_OPS) / steps / 1e3
+    return {"total": total, "matmul": matmul, "attention": attention, "other": total - matmul - attention}
+
+
+def memory(variant: str, args: argparse.Namespace) -> tuple[float, float]:
+    """Resident and peak resident MB of a fresh process that loads `variant` and generates 32 tokens (what
+    `llmlab chat` holds), from /proc/self/status (Linux)."""
+    cmd = [sys.executable, __file__, "--memory-probe", variant, "--threads", str(args.threads)]
+    cmd += [f"--{k}={getattr(args, k)}" for k in ("ckpt", "gguf") if getattr(args, k) is not None]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rss, peak = out.stdout.strip().splitlines()[-1].split()
+    return float(rss), float(peak)
+
+
+def memory_probe(variant: str, ckpt: Path, gguf: Path | None) -> None:
+    model = load_variant(variant.removesuffix("+compile"), ckpt, gguf)
+    time_llmlab(model, [1, 2, 3, 4, 5, 6, 7, 8], 32, compile=variant.endswith("+compile"))
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    print(int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024)
+
+
 def time_hf(hf, prompt: list[int], n: int) -> float:
     x = torch.tensor([prompt])
     t0 = time.perf_counter()
@@ -69,36 +138,53 @@ def time_hf(hf, prompt: list[int], n: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", type=Path, default=None, help="HF-format folder (default: the imported SmolLM2)")
-    ap.add_argument("--gguf", type=Path, default=None, help="GGUF for llama.cpp (default: the SmolLM2 GGUF)")
+    ap.add_argument("--gguf", type=Path, default=None,
+                    help="GGUF for llama.cpp and the gguf variants (default: the SmolLM2 GGUF)")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--variants", default="float32,bfloat16,bfloat16+compile",
-                    help="llmlab weight dtypes to time; '+compile' wraps the decode step in torch.compile")
+    ap.add_argument("--variants", default="float32,bfloat16,bfloat16+compile,gguf,gguf+compile",
+                    help=f"llmlab weights to time ({', '.join(WEIGHTS)}); '+compile' wraps the decode step in "
+                         "torch.compile")
+    ap.add_argument("--breakdown", action="store_true", help="split each llmlab variant's token time (profiled)")
+    ap.add_argument("--memory", action="store_true", help="peak resident memory of each llmlab variant, own process")
+    ap.add_argument("--no-hf", action="store_true", help="skip HF transformers (ratios are then vs the first variant)")
+    ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    bad = [v for v in args.variants.split(",") if v.removesuffix("+compile") not in WEIGHTS]
+    if bad:
+        ap.error(f"--variants: unknown {bad}; expected {', '.join(WEIGHTS)}, each optionally with +compile")
     torch.set_num_threads(args.threads)
 
     from llmlab.hub import ensure_default_gguf, ensure_default_model
 
     ckpt = args.ckpt or ensure_default_model()
+    if args.memory_probe:
+        return memory_probe(args.memory_probe, ckpt, args.gguf)
     tok = Tokenizer.from_folder(ckpt)
     prompt = tok.encode_chat(PROMPT)
     text_ids = tok.encode(TEXT)
 
     engines: dict[str, object] = {}
     quality: dict[str, float] = {}
+    sizes: dict[str, float] = {}
+    models: dict[str, LLaMA] = {}
     for variant in args.variants.split(","):
-        model = load_checkpoint(ckpt, dtype=dtype_from_name(variant.removesuffix("+compile")))
-        engines[f"llmlab {variant}"] = model
-        quality[f"llmlab {variant}"] = perplexity(model, text_ids)
+        weights = variant.removesuffix("+compile")
+        if weights not in models:
+            models[weights] = load_variant(weights, ckpt, args.gguf)
+        engines[f"llmlab {variant}"] = models[weights]
+        quality[f"llmlab {variant}"] = perplexity(models[weights], text_ids)
+        sizes[f"llmlab {variant}"] = quantized_bytes(models[weights]) / 2**20
 
-    import transformers
+    if not args.no_hf:
+        import transformers
 
-    hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
-    engines["HF transformers float32"] = hf
-    with torch.inference_mode():
-        x = torch.tensor([text_ids])
-        quality["HF transformers float32"] = math.exp(hf(x, labels=x).loss.item())
+        hf = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+        engines["HF transformers float32"] = hf
+        with torch.inference_mode():
+            x = torch.tensor([text_ids])
+            quality["HF transformers float32"] = math.exp(hf(x, labels=x).loss.item())
 
     llama_cpp = None
     try:
@@ -129,17 +215,34 @@ def main() -> None:
         for name, engine in engines.items():
             speeds[name].append(run(name, engine))
 
-    hf_speed = statistics.median(speeds["HF transformers float32"])
+    base = "HF transformers float32" if not args.no_hf else next(iter(engines))
+    base_speed = statistics.median(speeds[base])
     ref_ppl = quality["llmlab float32"] if "llmlab float32" in quality else None
+    from llmlab.hardware import cpu_capability, native_bf16
+
     print(f"\nbatch-1 greedy decode, {args.new_tokens} new tokens after a {len(prompt)}-token prompt, "
-          f"{args.threads} threads, median of {args.rounds} (torch {torch.__version__})")
-    print(f"{'engine':30} {'tokens/s':>9} {'vs HF':>7} {'perplexity':>11} {'vs fp32':>8}")
+          f"{args.threads} threads, median of {args.rounds} (torch {torch.__version__}, CPU {cpu_capability()}, "
+          f"native bf16 {native_bf16()}); ratios vs {base}")
+    print(f"{'engine':30} {'tokens/s':>9} {'ratio':>7} {'perplexity':>11} {'vs fp32':>8} {'weights MB':>11}")
     for name in engines:
         s = statistics.median(speeds[name])
         ppl = quality.get(name)
         ppl_s = f"{ppl:11.3f}" if ppl else f"{'-':>11}"
         rel = f"{(ppl / ref_ppl - 1) * 100:+7.2f}%" if ppl and ref_ppl else f"{'-':>8}"
-        print(f"{name:30} {s:9.1f} {s / hf_speed:6.2f}x {ppl_s} {rel}")
+        size = f"{sizes[name]:11.1f}" if name in sizes else f"{'-':>11}"
+        print(f"{name:30} {s:9.1f} {s / base_speed:6.2f}x {ppl_s} {rel} {size}")
+    if args.breakdown:
+        print(f"\nper decode token, ms (profiled; {args.threads} threads)")
+        print(f"{'engine':30} {'total':>7} {'matmul':>7} {'attention':>10} {'other':>7}")
+        for name, engine in engines.items():
+            if name.startswith("llmlab"):
+                b = breakdown(engine, prompt, name.endswith("+compile"))
+                print(f"{name:30} {b['total']:7.2f} {b['matmul']:7.2f} {b['attention']:10.2f} {b['other']:7.2f}")
+    if args.memory:
+        print("\nresident memory of a fresh process after loading and generating 32 tokens (and its peak), MB")
+        for variant in args.variants.split(","):
+            rss, peak = memory(variant, args)
+            print(f"{'llmlab ' + variant:30} {rss:8.0f} {peak:8.0f}")
 
 
 if __name__ == "__main__":

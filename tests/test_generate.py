@@ -126,6 +126,18 @@ def test_compiled_decode_step_gives_the_same_tokens():
     assert run(model, prompts, 12, compile=True) == run(model, prompts, 12)
 
 
+def test_batch1_bf16_decode_steps_bypass_onednn_and_restore_it():
+    model = tiny_model().to(torch.bfloat16)
+    seen = []
+    model.register_forward_pre_hook(lambda m, args: seen.append((args[0].shape, torch.backends.mkldnn.enabled)))
+    run(model, [[5, 6, 7, 8]], 4)  # batch 1: oneDNN's bf16 gemv is the slow one
+    assert seen[0] == ((1, 4), True) and all(flag is False for shape, flag in seen[1:]) and len(seen) == 4
+    seen.clear()
+    run(model, [[5, 6, 7, 8], [9]], 3)  # a batch keeps oneDNN
+    assert all(flag for _, flag in seen)
+    assert torch.backends.mkldnn.enabled
+
+
 def test_eos_ends_a_row_and_is_not_returned():
     model = tiny_model()
     tokens = run(model, [[3, 4, 5]], 12)[0]

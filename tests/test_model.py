@@ -83,6 +83,38 @@ def test_kv_cache_decode_equals_full_forward():
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("n_kv", [1, 2, 4])
+def test_attend_one_equals_sdpa(n_kv):
+    from llmlab.model import attend_one
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, n_kv, 9, 16), torch.randn(2, n_kv, 9, 16)
+    mask = torch.rand(2, 1, 1, 9) > 0.3
+    mask[..., 0] = True
+    kr, vr = k.repeat_interleave(4 // n_kv, dim=1), v.repeat_interleave(4 // n_kv, dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(q, kr, vr, attn_mask=mask)
+    torch.testing.assert_close(attend_one(q, k, v, mask), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(attend_one(q, k, v, None),
+                               torch.nn.functional.scaled_dot_product_attention(q, kr, vr), atol=1e-5, rtol=1e-5)
+    got = attend_one(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_cache_decode_follows_the_full_forward():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny")).eval().to(torch.bfloat16)
+    idx = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        full = model(idx).float()
+        model.setup_cache(batch_size=1, max_seq_len=16)
+        steps = [model(idx[:, :8], input_pos=torch.arange(8))]
+        for t in range(8, 12):  # one query on the CPU in bf16: the attend_one path
+            steps.append(model(idx[:, t:t + 1], input_pos=torch.tensor([t]), kv_len=t + 1))
+        model.clear_cache()
+    torch.testing.assert_close(torch.cat(steps, dim=1).float(), full, atol=0.1, rtol=0.05)
+
+
 def test_last_only_and_cache_errors():
     model = build_model(ModelConfig.from_name("tiny")).eval()
     idx = torch.randint(0, 256, (1, 8))

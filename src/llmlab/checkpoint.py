@@ -35,6 +35,7 @@ from torch import Tensor
 
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
+from llmlab.hardware import native_bf16
 from llmlab.model import LLaMA
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,17 +43,20 @@ _QKV = ("q_proj", "k_proj", "v_proj")
 _GATE_UP = ("gate_proj", "up_proj")
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
-    """What dtype `auto` means for a model run on `device`: bfloat16 on CUDA, float32 elsewhere."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+def default_dtype(device: torch.device, bf16_if_native: bool = False) -> torch.dtype:
+    """What dtype `auto` means for a model run on `device`: bfloat16 on CUDA, float32 elsewhere, or with
+    `bf16_if_native` bfloat16 on a CPU that computes it natively (`llmlab.hardware.native_bf16`)."""
+    if device.type == "cuda" or (bf16_if_native and device.type == "cpu" and native_bf16("cpu")):
+        return torch.bfloat16
+    return torch.float32
 
 
-def dtype_from_name(name: str, device: torch.device | None = None) -> torch.dtype:
+def dtype_from_name(name: str, device: torch.device | None = None, bf16_if_native: bool = False) -> torch.dtype:
     """The torch dtype called `name`: float32, bfloat16 or float16, as stored in a folder; with the `device` a model
     will run on, also `auto` (`default_dtype`), as the --dtype option of the commands that run one takes it. The one
     place dtype names become dtypes."""
     if device is not None and name == "auto":
-        return default_dtype(device)
+        return default_dtype(device, bf16_if_native)
     if name in DTYPES:
         return DTYPES[name]
     if device is not None:

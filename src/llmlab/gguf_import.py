@@ -5,12 +5,17 @@ llama.cpp's names. Importing means: read the config from the metadata, dequantiz
 package's own dequantizer, rename it to HF's name, undo the row permutation llama.cpp's converter applies to the
 query/key projections, and rebuild an HF `tokenizers` tokenizer from the vocabulary. The result is an ordinary
 float checkpoint folder: quantization is not kept, only its values.
+
+`load_gguf_quantized` is the other way in: it builds the model straight from the file for inference, keeping every
+quantized tensor in its own block format (`llmlab.quantized.QuantLinear`), so no float copy of those weights is
+made; the q/k un-permutation then reorders rows of blocks, which a row permutation leaves intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +26,15 @@ from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, decoders, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import BPE
-from torch import Tensor
+from torch import Tensor, nn
 
 from llmlab.checkpoint import dtype_from_name, generation_config, load_into, save_checkpoint, write_json
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
+from llmlab.ggml_blocks import QUANTIZED_TYPES, decode
 from llmlab.model import LLaMA, rope_inv_freq
+from llmlab.quant_kernels import Groups
+from llmlab.quantized import FusedQuantLinear, QuantEmbedding, QuantLinear
 from llmlab.tokenizer import Tokenizer
 
 IMPORTER_VERSION = 1  # bump when the import changes what it writes, so cached imports get rebuilt
@@ -270,22 +278,26 @@ def _dequantize(tensor: Any, source: str) -> Tensor:
     return torch.from_numpy(np.require(values, np.float32, ["C", "W", "O"]))
 
 
-def tensors_from_gguf(reader: Any, config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
-    """Every weight of the file, dequantized, under its HF name and in HF's layout (q/k rows un-permuted)."""
+def _named_tensors(reader: Any, config: ModelConfig) -> Any:
+    """(HF name, GGUF tensor, q/k head count to un-permute its rows by or None) for every weight of the file."""
     src = _source(reader)
-    out: dict[str, Tensor] = {}
     for tensor in reader.tensors:
         if tensor.name == "rope_freqs.weight":
             continue  # folded into config.rope_scaling
         name = hf_tensor_name(tensor.name)
         if name is None:
             raise LLMLabError(f"{src}: tensor '{tensor.name}' is not part of a llama model llmlab can import")
-        w = _dequantize(tensor, src)
-        if ".q_proj." in name:
-            w = unpermute_qk(w, config.num_attention_heads)
-        elif ".k_proj." in name:
-            w = unpermute_qk(w, config.num_key_value_heads)
-        out[name] = w.to(dtype)
+        heads = (config.num_attention_heads if ".q_proj." in name else
+                 config.num_key_value_heads if ".k_proj." in name else None)
+        yield name, tensor, heads
+
+
+def tensors_from_gguf(reader: Any, config: ModelConfig, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+    """Every weight of the file, dequantized, under its HF name and in HF's layout (q/k rows un-permuted)."""
+    out: dict[str, Tensor] = {}
+    for name, tensor, heads in _named_tensors(reader, config):
+        w = _dequantize(tensor, _source(reader))
+        out[name] = (w if heads is None else unpermute_qk(w, heads)).to(dtype)
     return out
 
 
@@ -416,3 +428,108 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, dtype=torch_dtype, generation=generation,
                            extra_files=lambda folder: write_json(folder / "llmlab_import.json", source))
 
+
+def load_gguf_quantized(gguf_path: str | Path, device: torch.device | str = "cpu",
+                        dtype: torch.dtype = torch.bfloat16, kernel: str = "auto") -> tuple[Any, Tokenizer, dict]:
+    """Model (eval mode), tokenizer and generation config of a llama GGUF, its quantized tensors kept quantized.
+
+    Quantized weights (`llmlab.ggml_blocks.QUANTIZED_TYPES`) become `QuantLinear`s read from the file's memory map
+    block by block; q/k rows are un-permuted as rows of blocks; a fused projection joins its parts' groups (or keeps
+    a layer per part when their formats differ); a tied embedding reads its rows out of the head's tensor. Float
+    tensors (norms, biases, F16/F32 weights) are loaded in `dtype`, the dtype activations are computed in.
+    `kernel` is passed to every `QuantLinear` ("auto": measured per shape).
+    """
+    reader = open_gguf(gguf_path)
+    src = _source(reader)
+    config = config_from_gguf(reader)
+    tokenizer = tokenizer_from_gguf(reader)
+    device = torch.device(device)
+    # read lazily, one projection at a time, so the decoded codes of the whole model never coexist
+    weights = {name: (tensor, heads) for name, tensor, heads in _named_tensors(reader, config)}
+
+    def read(name: str) -> Any:
+        """A tensor as `Groups` (quantized) or as a float tensor in `dtype`; None if the file lacks it."""
+        if name not in weights:
+            return None
+        tensor, heads = weights.pop(name)
+        kind = tensor.tensor_type.name
+        if kind in QUANTIZED_TYPES and len(tensor.shape) == 2:
+            with warnings.catch_warnings():  # the memory map is read-only and only ever read
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                raw = torch.from_numpy(np.asarray(tensor.data))
+            groups = decode(raw.reshape(int(tensor.shape[1]), -1), kind, int(tensor.shape[0]))
+            return groups if heads is None else groups.take_rows(unpermute_qk(torch.arange(groups.shape[0]), heads))
+        w = _dequantize(tensor, src)
+        return (w if heads is None else unpermute_qk(w, heads)).to(device, dtype)
+
+    def need(name: str) -> Any:
+        value = read(name)
+        if value is None:
+            raise LLMLabError(f"{src}: tensor for '{name}' is missing")
+        return value
+
+    def as_module(w: Any, bias: Tensor | None, table_only: bool = False, head: bool = False) -> nn.Module:
+        if isinstance(w, Tensor):
+            layer = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+            layer.weight = nn.Parameter(w, requires_grad=False)
+            if bias is not None:
+                layer.bias = nn.Parameter(bias, requires_grad=False)
+            return layer
+        return QuantLinear(w, bias, "dequant" if table_only else kernel, device, torch.float32 if head else None)
+
+    def linear(prefix: str, parts: tuple[str, ...]) -> nn.Module:
+        ws = [need(f"{prefix}{p}.weight") for p in parts]
+        biases = [read(f"{prefix}{p}.bias") for p in parts]
+        bias = torch.cat(biases) if all(b is not None for b in biases) else None
+        if all(isinstance(w, Tensor) for w in ws):
+            return as_module(torch.cat(ws), bias)
+        if not any(isinstance(w, Tensor) for w in ws):
+            try:
+                return QuantLinear(Groups.cat(ws), bias, kernel, device)
+            except LLMLabError:
+                pass  # parts in different formats (Q4_K_M mixes Q4_K and Q6_K): one layer each
+        return FusedQuantLinear([as_module(w, b) for w, b in zip(ws, biases)])
+
+    with torch.device("meta"):
+        model = LLaMA(config)
+    for i, layer in enumerate(model.model.layers):
+        p = f"model.layers.{i}."
+        layer.self_attn.qkv_proj = linear(f"{p}self_attn.", ("q_proj", "k_proj", "v_proj"))
+        layer.self_attn.o_proj = linear(f"{p}self_attn.", ("o_proj",))
+        layer.mlp.gate_up_proj = linear(f"{p}mlp.", ("gate_proj", "up_proj"))
+        layer.mlp.down_proj = linear(f"{p}mlp.", ("down_proj",))
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            getattr(layer, norm).weight = nn.Parameter(need(f"{p}{norm}.weight"), requires_grad=False)
+    model.model.norm.weight = nn.Parameter(need("model.norm.weight"), requires_grad=False)
+    embed = need("model.embed_tokens.weight")
+    head = embed if config.tie_word_embeddings else need("lm_head.weight")
+    model.lm_head = as_module(head, None, head=True)  # fp32 logits
+    if isinstance(embed, Tensor):
+        model.model.embed_tokens = nn.Embedding(*embed.shape, device="meta")
+        model.model.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+    else:  # a tied embedding reads its rows out of the head's own quantized tensor
+        table = model.lm_head if config.tie_word_embeddings else as_module(embed, None, table_only=True)
+        model.model.embed_tokens = QuantEmbedding(table, dtype)
+    if weights:
+        raise LLMLabError(f"{src}: tensors the config does not use: {sorted(weights)[:5]}")
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if left:
+        raise LLMLabError(f"{src}: no tensors for {left[:5]}")
+    generation = generation_config(config, eos_token_id=stop_token_ids(config, tokenizer))
+    del reader  # with the tensors read, this closes the memory map: its pages stop counting as resident
+    _return_freed_memory()
+    return model.eval(), tokenizer, generation
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap the load freed (decode temporaries, the reader's metadata) back to the OS, where glibc keeps
+    it otherwise: ~100 MB of resident memory for the default model. A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -89,7 +89,7 @@ def loglikelihoods(model: LLaMA, requests: Sequence[tuple[Sequence[int], Sequenc
         seq = (list(ctx) + list(cont))[-(max_len + 1):]
         rows.append((seq[:-1], seq[-min(len(cont), len(seq) - 1):]))
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    device = model.lm_head.weight.device
+    device = model.device
     out: list[tuple[float, bool] | None] = [None] * len(rows)
     start = 0
     while start < len(order):

@@ -160,7 +160,7 @@ class Engine:
         self.model, self.tokenizer, self.eos = model.eval(), tokenizer, set(eos_ids)
         self.max_batch, self.max_seq_len, self.queue_size = max_batch, max_seq_len, queue_size
         self.adapters = adapters  # a MultiLoRA or None
-        self.device = model.lm_head.weight.device
+        self.device = model.device
         with torch.inference_mode():
             model.setup_cache(max_batch, max_seq_len)
         self.lock = threading.Lock()  # held for each scheduling round; holding it pauses the engine between steps

@@ -1,0 +1,75 @@
+"""What the machine can compute fast: native bf16 on the CPU, and a key naming the CPU for cached measurements.
+
+Every `auto` precision choice asks `native_bf16` (generation, chat, evaluation and serving today; training
+precision later), and the quantized kernels' measured verdicts are cached under `machine_key`, so a verdict
+measured on one CPU is never reused on another or under another torch build.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import platform
+from pathlib import Path
+
+import torch
+
+# /proc/cpuinfo flags of CPUs that compute bf16 dot products natively (AVX-512 BF16, AMX tiles)
+_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU feature flags the kernel reports (/proc/cpuinfo on Linux); empty where unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):  # x86 / arm64
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_capability() -> str:
+    """The vector ISA torch's CPU kernels dispatch to (AVX512, AVX2, DEFAULT, ...), as torch reports it."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "unknown"
+
+
+@functools.cache
+def native_bf16(device: str = "cpu") -> bool:
+    """Whether `device` computes bf16 matmuls natively, so bf16 is faster than fp32 rather than emulated.
+
+    CUDA: the GPU's own answer (Ampere and later). CPU: the AVX-512 BF16 or AMX flag, and torch's kernels built
+    to use it (its dispatch reaches AVX512 or beyond); arm64 CPUs with the `bf16` feature count too. A CPU
+    without these converts bf16 to fp32 in software, where fp32 is the faster choice.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if dev.type != "cpu":
+        return False
+    flags = cpu_flags()
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    capability = cpu_capability()
+    return any(f in flags for f in _BF16_FLAGS) and ("AVX512" in capability or "AMX" in capability)
+
+
+@functools.cache
+def machine_key() -> str:
+    """A short key for this CPU and torch build: measured kernel verdicts are valid only under it."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        model = platform.processor()
+    raw = "|".join([platform.machine(), model, " ".join(sorted(cpu_flags())), cpu_capability(), torch.__version__])
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]

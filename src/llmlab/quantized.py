@@ -1,0 +1,240 @@
+"""Quantized linear layers: weights kept as group-wise integers (GGUF blocks, llmlab's int8/int4), used alike by
+generation, serving and fine-tuning.
+
+On a CPU, decoding one token reads every weight once, so its speed is the bytes it moves: a 4-bit weight moves an
+eighth of an fp32 one. `QuantLinear` holds a weight as `Groups` (integer codes + per-group scales and zeros, see
+`llmlab.quant_kernels`) packed for the kernel measured fastest here, and never materialises a float copy of it:
+- `forward(x)`: the kernel's product (bf16 activations inside torch's CPU kernels, output in x's dtype);
+- `dequantize()`: the exact weights the layer multiplies by (fp32), for merging, export and tests;
+- `rows(index)`: a few rows' groups, which is how `QuantEmbedding` looks tokens up: a tied head and embedding
+  share one quantized tensor;
+- backward w.r.t. the input (grad_x = grad_y @ W, chunked over output rows so W is never whole in float) is
+  implemented, so LoRA on a quantized base can train through it; the quantized weights themselves are frozen.
+A fused projection (`qkv_proj`, `gate_up_proj`) whose parts share a format is one `QuantLinear` over the
+concatenated rows (a group never spans two rows, so each part keeps its own blocks); parts of different formats
+(Q4_K_M files mix Q4_K and Q6_K) become a `FusedQuantLinear` of one layer per part.
+
+Quantized layers are rebuilt from their source (a GGUF file, or a float checkpoint and `quantize_model`), never
+saved in a kernel's layout, which depends on the CPU: their buffers are not part of the state dict.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from llmlab.errors import LLMLabError
+from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel
+
+_BACKWARD_CHUNK = 1 << 22  # weights dequantized at a time by the backward pass
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x @ W.T with W quantized and frozen: the gradient flows to x only."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear, out_dtype: torch.dtype) -> Tensor:
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        # cast inside: the gradient then arrives in out_dtype, not rounded to the kernel's bf16
+        return layer.kernel.matmul(x, layer.kernel_buffers(), layer.spec).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        layer: QuantLinear = ctx.layer
+        grad = grad.to(ctx.x_dtype)
+        n, k = layer.out_features, layer.in_features
+        step = max(16, _BACKWARD_CHUNK // k)
+        grad_x = None
+        for start in range(0, n, step):
+            index = torch.arange(start, min(n, start + step), device=grad.device)
+            part = grad[:, start:start + step] @ layer.rows(index).dequantize(grad.dtype)
+            grad_x = part if grad_x is None else grad_x + part
+        return grad_x, None, None
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W held as group-wise integer codes (see the module docstring).
+
+    `kernel` names the storage/matmul kernel (`int4pack`, `int8split`, `dequant`) or "auto": the fastest one that
+    computes correctly on `device`, measured once per weight shape and cached (`llmlab.quant_kernels`).
+    `out_dtype` None returns x's dtype; an LM head asks for float32, keeping the kernel's fp32 sums (bf16 logits
+    tie often among 49k tokens, and greedy decoding then depends on rounding). Build the layer on its target
+    device: the kernel's layout does not move between devices.
+    """
+
+    def __init__(self, groups: Groups, bias: Tensor | None = None, kernel: str = "auto",
+                 device: torch.device | str | None = None, out_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        dev = torch.device(device) if device is not None else groups.q.device
+        self.out_features, self.in_features = groups.shape
+        self.spec = QuantSpec.of(groups)
+        self.kernel = choose_kernel(self.spec, dev, kernel)
+        if groups.q.device != dev:
+            groups = Groups(groups.q.to(dev), groups.scale.to(dev), None if groups.zero is None else
+                            groups.zero.to(dev), groups.group, groups.bits, groups.qmin)
+        buffers = self.kernel.pack(groups)
+        self._names = tuple(buffers)
+        self._dtypes = {name: t.dtype for name, t in buffers.items()}
+        for name, t in buffers.items():
+            self.register_buffer(name, t, persistent=False)
+        self.bias = None if bias is None else nn.Parameter(bias.to(dev), requires_grad=False)
+        self.out_dtype = out_dtype
+
+    def kernel_buffers(self) -> dict[str, Tensor]:
+        """The kernel's buffers by name."""
+        return {name: getattr(self, name) for name in self._names}
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self._names[0]).device
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not cast the kernel's scales: its kernel expects the dtypes it packed
+        super()._apply(fn, recurse)
+        for name, dtype in self._dtypes.items():
+            t = getattr(self, name)
+            if t.dtype != dtype:
+                setattr(self, name, t.to(dtype))
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        out_dtype = self.out_dtype or x.dtype
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _QuantMatmul.apply(x2, self, out_dtype)
+        else:
+            y = self.kernel.matmul(x2, self.kernel_buffers(), self.spec)
+            if y.dtype != out_dtype:
+                y = y.to(out_dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*shape[:-1], self.out_features)
+
+    def rows(self, index: Tensor) -> Groups:
+        """The groups of output rows `index` (1-D), as this layer computes with them."""
+        return self.kernel.rows(self.kernel_buffers(), self.spec, index)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight (out_features, in_features) the layer multiplies by, in `dtype`."""
+        return self.rows(torch.arange(self.out_features, device=self.device)).dequantize(dtype)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return (f"in_features={s.in_features}, out_features={s.out_features}, bits={s.bits}, group={s.group}, "
+                f"kernel={self.kernel.name}, bias={self.bias is not None}")
+
+
+class FusedQuantLinear(nn.Module):
+    """Several layers side by side (their outputs concatenated): a fused projection whose parts are stored in
+    different formats (or some not quantized at all), each kept in its own."""
+
+    def __init__(self, parts: list[nn.Module]) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.in_features = parts[0].in_features
+        self.out_features = sum(p.out_features for p in parts)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([p(x) for p in self.parts], dim=-1)
+
+    def rows(self, index: Tensor) -> Groups:
+        raise LLMLabError("rows of a projection fused from differently quantized parts: dequantize() it instead")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.cat([p.dequantize(dtype) if isinstance(p, QuantLinear) else p.weight.detach().to(dtype)
+                          for p in self.parts])
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings read out of a quantized (vocab, hidden) weight, dequantizing only the looked-up rows.
+
+    `source` is the `QuantLinear` holding the table: with tied embeddings it is the LM head itself, so the model
+    keeps one quantized tensor for both.
+    """
+
+    def __init__(self, source: QuantLinear, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.source = source
+        self.num_embeddings, self.embedding_dim = source.out_features, source.in_features
+        # carries the output dtype through model.to(dtype)
+        self.register_buffer("dtype_ref", torch.empty(0, dtype=dtype, device=source.device), persistent=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        flat = idx.reshape(-1)
+        return self.source.rows(flat).dequantize(self.dtype_ref.dtype).view(*idx.shape, self.embedding_dim)
+
+
+# -- quantizing float weights ---------------------------------------------------------------------------
+def quantize_int4(w: Tensor, group: int = 32) -> Groups:
+    """Asymmetric 4-bit groups (as GGUF's Q4_1): per group, scale = (max - min) / 15 and zero = min."""
+    n, k = w.shape
+    if k % group:
+        raise LLMLabError(f"int4 quantization: {k} inputs are not a multiple of the group size {group}")
+    wg = w.detach().float().view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = ((wg - lo[..., None]) / safe[..., None]).round().clamp(0, 15).to(torch.int8).view(n, k)
+    return Groups(q, scale, lo, group, 4, 0)
+
+
+def quantize_int8(w: Tensor, group: int | None = None) -> Groups:
+    """Symmetric 8-bit groups: scale = max |w| / 127 per group of `group` inputs (None: one per row)."""
+    n, k = w.shape
+    group = group or k
+    if k % group:
+        raise LLMLabError(f"int8 quantization: {k} inputs are not a multiple of the group size {group}")
+    wg = w.detach().float().view(n, k // group, group)
+    scale = wg.abs().amax(-1) / 127
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (wg / safe[..., None]).round().clamp(-127, 127).to(torch.int8).view(n, k)
+    return Groups(q, scale, None, group, 8, -128)
+
+
+QUANTIZE_MODES = ("int8", "int4")
+
+
+def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "auto") -> nn.Module:
+    """Replace the model's float projections by `QuantLinear`s, in place (for HF-format float checkpoints).
+
+    `int4`: every block projection becomes asymmetric 4-bit with groups of `group` inputs; `int8`: symmetric
+    per-channel int8. In both modes the LM head is per-channel int8 (the head's errors land directly on the
+    logits) and the token embedding reads its rows out of the same tensor when tied (or out of its own int8 copy).
+    Layers are quantized one at a time, so the float model is the peak memory.
+    """
+    if mode not in QUANTIZE_MODES:
+        raise LLMLabError(f"--quantize: expected one of {', '.join(QUANTIZE_MODES)}, got '{mode}'")
+    decoder = model.model
+    dtype = decoder.norm.weight.dtype
+    device = decoder.norm.weight.device
+
+    def convert(linear: nn.Module, how: str, out_dtype: torch.dtype | None = None) -> QuantLinear:
+        w = linear.weight
+        n, k = w.shape
+        g = quantize_int4(w, group) if how == "int4" and k % group == 0 and n % 16 == 0 else quantize_int8(w)
+        return QuantLinear(g, linear.bias.detach() if linear.bias is not None else None, kernel, device, out_dtype)
+
+    with torch.no_grad():
+        for layer in decoder.layers:
+            for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
+                                 (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
+                setattr(parent, name, convert(getattr(parent, name), mode))
+        tied = model.lm_head.weight is decoder.embed_tokens.weight
+        head = convert(model.lm_head, "int8", torch.float32)
+        model.lm_head = head
+        table = head if tied else QuantLinear(quantize_int8(decoder.embed_tokens.weight), kernel="dequant",
+                                              device=device)
+        decoder.embed_tokens = QuantEmbedding(table, dtype)
+    return model
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, each tensor counted once (tied ones too)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen and t.device.type != "meta":
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
