@@ -20,6 +20,7 @@ from llmlab.gguf_import import (
     gguf_tensor_name,
     hf_tensor_name,
     import_gguf,
+    kept_gguf,
     open_gguf,
     permute_qk,
     read_gguf,
@@ -135,6 +136,17 @@ def test_import_writes_a_complete_folder(tiny_gguf, tmp_path):
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     assert tok_cfg["eos_token"] == "<|im_end|>" and tok_cfg["chat_template"] == CHAT_TEMPLATE
     assert json.loads((folder / "llmlab_import.json").read_text())["source"] == "tiny.gguf"
+
+
+def test_an_imported_folder_keeps_its_gguf_and_others_hold_none(tiny_gguf, tmp_path):
+    folder = import_gguf(tiny_gguf, tmp_path / "out")
+    assert kept_gguf(folder) == folder / "model.gguf"
+    assert (folder / "model.gguf").read_bytes() == tiny_gguf.read_bytes()
+    assert kept_gguf(import_gguf(tiny_gguf, tmp_path / "plain", keep_gguf=False)) is None
+    record = folder / "llmlab_import.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "gguf": "../elsewhere.gguf"}))
+    assert kept_gguf(folder) is None  # only a file inside the folder counts
+    assert kept_gguf(tmp_path) is None
 
 
 # -- config -------------------------------------------------------------------------------------------

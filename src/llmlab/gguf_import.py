@@ -14,7 +14,10 @@ made; the q/k un-permutation then reorders rows of blocks, which a row permutati
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -37,7 +40,7 @@ from llmlab.quant_kernels import Groups
 from llmlab.quantized import FusedQuantLinear, QuantEmbedding, QuantLinear
 from llmlab.tokenizer import Tokenizer
 
-IMPORTER_VERSION = 1  # bump when the import changes what it writes, so cached imports get rebuilt
+IMPORTER_VERSION = 2  # bump when the import changes what it writes, so cached imports get rebuilt
 
 # Tensor types imported. All are dequantized by `gguf.quants.dequantize`; others (IQ*, TQ*, ...) are refused.
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -413,8 +416,17 @@ def stop_token_ids(config: ModelConfig, tokenizer: Tokenizer) -> int | list[int]
     return stops[0] if len(stops) == 1 else (stops or None)
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Write the GGUF model as an HF-format checkpoint folder (weights in `dtype`, tokenizer, generation config)."""
+KEPT_GGUF = "model.gguf"  # an imported folder keeps the GGUF it came from, for the quantized fast path
+IMPORT_RECORD = "llmlab_import.json"
+
+
+def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", keep_gguf: bool = True) -> Path:
+    """Write the GGUF model as an HF-format checkpoint folder (weights in `dtype`, tokenizer, generation config).
+
+    With `keep_gguf` the folder also holds the GGUF itself as `model.gguf` (a hard link when the file system allows,
+    else a copy), so that running the folder can use the file's own quantized blocks (`kept_gguf`), while
+    transformers, PEFT and the rest read the float weights as usual.
+    """
     torch_dtype = dtype_from_name(dtype)
     config, tensors, tokenizer = read_gguf(gguf_path, torch_dtype)
     with torch.device("meta"):
@@ -424,9 +436,32 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float3
     except LLMLabError as e:  # name the GGUF in every mismatch message
         raise LLMLabError(str(e) if str(gguf_path) in str(e) else f"{gguf_path}: {e}") from e
     generation = generation_config(config, eos_token_id=stop_token_ids(config, tokenizer))
-    source = {"source": Path(gguf_path).name, "format": "gguf", "importer": IMPORTER_VERSION}
+    source = {"source": Path(gguf_path).name, "format": "gguf", "importer": IMPORTER_VERSION,
+              "gguf": KEPT_GGUF if keep_gguf else None}
+
+    def extra_files(folder: Path) -> None:
+        write_json(folder / IMPORT_RECORD, source)
+        if keep_gguf:
+            try:
+                os.link(gguf_path, folder / KEPT_GGUF)
+            except OSError:  # another file system, or links not allowed
+                shutil.copyfile(gguf_path, folder / KEPT_GGUF)
+
     return save_checkpoint(model, out_dir, tokenizer=tokenizer, dtype=torch_dtype, generation=generation,
-                           extra_files=lambda folder: write_json(folder / "llmlab_import.json", source))
+                           extra_files=extra_files)
+
+
+def kept_gguf(folder: str | Path) -> Path | None:
+    """The GGUF an imported checkpoint folder keeps beside its float weights (`import_gguf`), or None: folders
+    written any other way (training, merge, convert from a folder) hold none, so their own weights are used."""
+    folder = Path(folder)
+    record = folder / IMPORT_RECORD
+    try:
+        name = json.loads(record.read_text()).get("gguf") if record.is_file() else None
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    path = folder / name if isinstance(name, str) and "/" not in name else None
+    return path if path is not None and path.is_file() else None
 
 
 def load_gguf_quantized(gguf_path: str | Path, device: torch.device | str = "cpu",

@@ -93,7 +93,7 @@ def ensure_default_gguf() -> Path:
 
 
 def _is_current_import(folder: Path) -> bool:
-    marker = folder / "llmlab_import.json"
+    marker = folder / gguf_import.IMPORT_RECORD
     if not (folder / "config.json").is_file() or not marker.is_file():
         return False
     try:
