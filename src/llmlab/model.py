@@ -8,6 +8,8 @@ Design choices (Touvron et al. 2023 and its descendants):
   with q, k and v fused into one `qkv_proj` matmul; a single query position attending to a cache on the CPU in
   bf16/fp16 (a decode step) takes `attend_one`, a plain fp32 softmax(q k^T) v, instead: torch's CPU flash kernel
   costs ~0.25 ms per call in bf16 at 256 cached positions, 30 calls a token;
+- training on a CPU in bf16, attention over fewer than 512 positions runs in fp32: the CPU flash kernel's bf16
+  backward pass costs 1.7-2.4x its fp32 one there (from 512 positions on, bf16 is the faster);
 - optional tied input/output embeddings;
 - a preallocated (static) KV cache for decoding, so decode steps have fixed shapes.
 
@@ -18,6 +20,7 @@ Module names follow HF's `LlamaForCausalLM` except for the two fused projections
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -159,7 +162,14 @@ class Attention(nn.Module):
             y = attend_one(q, k, v, mask)
         else:
             gqa = {"enable_gqa": True} if self.n_kv != self.n_head and _SDPA_HAS_GQA else {}
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+            dtype, fp32 = q.dtype, False
+            if dtype == torch.bfloat16 and x.device.type == "cpu" and T < 512 and torch.is_grad_enabled():
+                q, k, v = q.float(), k.float(), v.float()  # see the module docstring: CPU training on short rows
+                mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+                fp32 = True
+            with torch.autocast(x.device.type, enabled=False) if fp32 else nullcontext():  # autocast would cast back
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+            y = y.to(dtype)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * head_dim)
         return self.o_proj(y)
 
@@ -278,7 +288,8 @@ class LLaMA(nn.Module):
         Per-row slots (continuous batching, `llmlab.serve`): `input_pos` (B, T) gives each row its own slots, in
         cache rows `cache_rows` (B,) (default the first B); the default mask is causal per row.
         `labels` (aligned with idx, IGNORE_INDEX = no loss): the loss goes through `llmlab.losses`' chunked head +
-        cross-entropy (no full logits tensor) while `fused_loss` is True. `return_hidden`: the final-norm hidden
+        cross-entropy (no full logits tensor) while `fused_loss` is True; a quantized head (frozen) is dequantized
+        for the batch in the compute dtype. `return_hidden`: the final-norm hidden
         states (B, T, hidden) instead of logits.
         """
         B, T = idx.shape
@@ -313,10 +324,16 @@ class LLaMA(nn.Module):
         if labels is None:
             return self.lm_head(x)  # (B, T, vocab)
         from llmlab.losses import linear_cross_entropy, next_token_loss
+        from llmlab.quantized import QuantLinear
 
-        if self.fused_loss and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            return linear_cross_entropy(x, self.lm_head.weight, labels)
-        return next_token_loss(self.lm_head(x), labels)
+        head = self.lm_head
+        if self.fused_loss and type(head) is nn.Linear and head.bias is None:
+            return linear_cross_entropy(x, head.weight, labels)
+        if self.fused_loss and isinstance(head, QuantLinear) and head.bias is None:  # frozen: dequantized per batch
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            return linear_cross_entropy(x, head.dequantize(dtype), labels)
+        return next_token_loss(head(x), labels)
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
