@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from llmlab.generate import generate_tokens, load_for_generation
+from llmlab.generate import generate_tokens
+from llmlab.loading import load_for_inference
 from llmlab.model import LLaMA
 from llmlab.quantized import quantized_bytes
 from llmlab.tokenizer import Tokenizer
@@ -73,12 +74,12 @@ def time_llmlab(model: LLaMA, prompt: list[int], n: int, compile: bool = False) 
 def load_variant(weights: str, ckpt: Path, gguf: Path | None) -> LLaMA:
     """The model of a variant's weights (see the module docstring), on the CPU, in eval mode."""
     if weights in ("float32", "bfloat16"):
-        return load_for_generation(ckpt, device="cpu", dtype=weights)[0]
+        return load_for_inference(ckpt, device="cpu", dtype=weights)[0]
     if weights == "gguf":
         from llmlab.hub import ensure_default_gguf
 
-        return load_for_generation(gguf or ensure_default_gguf(), device="cpu", dtype="bfloat16")[0]
-    return load_for_generation(ckpt, device="cpu", dtype="bfloat16", quantize=weights)[0]
+        return load_for_inference(gguf or ensure_default_gguf(), device="cpu", dtype="bfloat16")[0]
+    return load_for_inference(ckpt, device="cpu", dtype="bfloat16", quantize=weights)[0]
 
 
 def breakdown(model: LLaMA, prompt: list[int], compile: bool, steps: int = 16) -> dict[str, float]:

@@ -158,3 +158,52 @@ def test_meta_construction_allocates_nothing():
     with torch.device("meta"):
         model = LLaMA(ModelConfig.from_name("llama-7b"))
     assert all(p.is_meta for p in model.parameters())
+
+
+# -- the prepared cache (`setup_cache` -> `Cache`) ---------------------------------------------------------
+def test_prepared_cache_tables_are_built_once_and_indexed():
+    from llmlab.model import Cache, rope_cos_sin
+
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    cache = model.setup_cache(3, 20)
+    assert isinstance(cache, Cache) and model.cache is cache and model.max_cache_len == 20
+    assert all(layer.self_attn.kv_cache is kv for layer, kv in zip(model.model.layers, cache.layers))
+    cos, sin = rope_cos_sin(model.inv_freq, torch.arange(20)[None], model.dtype)
+    assert torch.equal(cache.cos, cos[0, 0]) and torch.equal(cache.sin, sin[0, 0])
+    assert cache._causal is None  # made on first use only: generation brings its own masks
+    slots = torch.tensor([[4, 5], [9, 10]])  # per-row slots: each row's causal mask over its own slots
+    at = cache.inputs(slots, kv_len=12, rows=torch.tensor([2, 0]))
+    want = torch.arange(12)[None, None, :] <= slots[:, :, None]
+    assert at.mask.shape == (2, 1, 2, 12) and torch.equal(at.mask[:, 0], want)
+    assert torch.equal(at.cos[:, 0], cache.cos[slots]) and at.kv_len == 12 and at.rows.tolist() == [2, 0]
+    shared = cache.inputs(torch.arange(3, 6), position_ids=torch.tensor([[0, 1, 2]]))  # RoPE positions of their own
+    assert shared.mask.shape == (1, 1, 3, 20) and torch.equal(shared.cos[0, 0], cache.cos[:3])
+    model.clear_cache()
+    assert model.cache is None and model.max_cache_len == 0
+    assert all(layer.self_attn.kv_cache is None for layer in model.model.layers)
+
+
+def test_prepared_cache_rows_copy_read_and_write():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny")).eval()
+    idx = torch.randint(0, 256, (1, 6))
+    with torch.no_grad():
+        cache = model.setup_cache(3, 16)
+        model(idx, input_pos=torch.arange(6)[None], cache_rows=torch.tensor([2]), kv_len=6)
+        kept = cache.read_row(2, 6)
+        cache.copy_row(2, 0, 6)
+        cache.write_row(1, kept, 4)  # a prefix of 4 slots
+        for layer, (k, v) in zip(cache.layers, kept):
+            assert torch.equal(layer.k[0, :, :6], k) and torch.equal(layer.v[0, :, :6], v)
+            assert torch.equal(layer.k[1, :, :4], k[:, :4]) and not layer.k[1, :, 4:6].any()
+        kept[0][0].zero_()  # a copy: the cache is unchanged
+        assert cache.layers[0].k[2, :, :6].any()
+        # a row continued from the copied prefix equals the full forward
+        model.clear_cache()
+        full = model(torch.cat([idx, torch.tensor([[7]])], 1))[0, -1]
+        cache = model.setup_cache(2, 16)
+        model(idx, input_pos=torch.arange(6)[None], cache_rows=torch.tensor([0]), kv_len=6)
+        cache.copy_row(0, 1, 6)
+        out = model(torch.tensor([[7], [7]]), input_pos=torch.tensor([[6], [6]]), kv_len=7)[:, -1]
+    torch.testing.assert_close(out[0], full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[1], full, atol=1e-5, rtol=0)

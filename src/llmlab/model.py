@@ -11,7 +11,9 @@ Design choices (Touvron et al. 2023 and its descendants):
 - training on a CPU in bf16, attention over fewer than 512 positions runs in fp32: the CPU flash kernel's bf16
   backward pass costs 1.7-2.4x its fp32 one there (from 512 positions on, bf16 is the faster);
 - optional tied input/output embeddings;
-- a preallocated (static) KV cache for decoding, so decode steps have fixed shapes.
+- a preallocated (static) KV cache for decoding, so decode steps have fixed shapes, prepared as in gpt-fast's
+  `setup_caches`: `LLaMA.setup_cache` returns a `Cache` holding every layer's keys/values, the RoPE table and the
+  causal mask, and a forward only indexes them into one `AttnInputs` that every layer reads.
 
 Module names follow HF's `LlamaForCausalLM` except for the two fused projections;
 `llmlab.checkpoint` maps names at load/save time so files on disk keep HF names.
@@ -20,14 +22,17 @@ Module names follow HF's `LlamaForCausalLM` except for the two fused projections
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from llmlab import losses
 from llmlab.config import ModelConfig
+from llmlab.errors import LLMLabError
+from llmlab.quantized import QuantLinear
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
 
@@ -81,8 +86,26 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+class AttnInputs(NamedTuple):
+    """What every layer of one forward reads besides its input, made once per forward by indexing prepared tables.
+
+    cos, sin: the queries' RoPE rotations, (B or 1, 1, T, head_dim). mask: (B or 1, 1, T, S) bool, True = attend, or
+    None for causal attention among the T positions (no cache). slots: the cache slots the T positions are written
+    to, (T,) alike in every row or (B, T) per row (continuous batching); None without a cache. rows: with per-row
+    slots, the cache rows of the batch (None: rows 0..B-1). kv_len: the queries read cache slots [0, kv_len) only
+    (None: all of them).
+    """
+
+    cos: Tensor
+    sin: Tensor
+    mask: Tensor | None
+    slots: Tensor | None = None
+    rows: Tensor | None = None
+    kv_len: int | None = None
+
+
 class KVCache(nn.Module):
-    """Preallocated keys and values for `max_seq_len` positions: (B, n_kv_heads, max_seq_len, head_dim)."""
+    """Preallocated keys and values of one layer for `max_seq_len` positions: (B, n_kv_heads, max_seq_len, head_dim)."""
 
     def __init__(self, batch_size: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str | None = None) -> None:
@@ -91,27 +114,86 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, rows: Tensor | None = None,
-               kv_len: int | None = None) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv, T, head_dim) at slots `input_pos` and return the cache the queries attend to.
+    def update(self, k: Tensor, v: Tensor, at: AttnInputs) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, head_dim) at `at.slots` and return the keys/values the queries attend to.
 
-        `input_pos` (T,) writes the same slots in every row of a cache of batch B (the whole cache comes back).
-        `input_pos` (B, T) writes each row at its own slots (continuous batching: rows at different lengths);
-        the batch then uses cache rows `rows` (B,) (default the first B) and gets back those rows' first `kv_len`
-        slots (a view for the default rows, a gathered copy otherwise).
+        Slots (T,) are written in every row of a cache of batch B. Slots (B, T) are each row's own, in cache rows
+        `at.rows` (default the first B); the batch then reads those rows (a view for the default rows, a gathered
+        copy otherwise). Either way only the first `at.kv_len` slots come back when it is set.
         """
-        if input_pos.dim() == 1:
-            self.k.index_copy_(2, input_pos, k)
-            self.v.index_copy_(2, input_pos, v)
-            return self.k, self.v
+        end = at.kv_len or self.k.size(2)
+        if at.slots.dim() == 1:
+            self.k.index_copy_(2, at.slots, k)
+            self.v.index_copy_(2, at.slots, v)
+            return (self.k, self.v) if at.kv_len is None else (self.k[:, :, :end], self.v[:, :, :end])
         B = k.size(0)
-        idx = torch.arange(B, device=k.device) if rows is None else rows
-        self.k[idx[:, None], :, input_pos] = k.transpose(1, 2)  # indexed view: (B, T, n_kv, head_dim)
-        self.v[idx[:, None], :, input_pos] = v.transpose(1, 2)
-        end = kv_len or self.k.size(2)
-        if rows is None:
+        rows = torch.arange(B, device=k.device) if at.rows is None else at.rows
+        self.k[rows[:, None], :, at.slots] = k.transpose(1, 2)  # indexed view: (B, T, n_kv, head_dim)
+        self.v[rows[:, None], :, at.slots] = v.transpose(1, 2)
+        if at.rows is None:
             return self.k[:B, :, :end], self.v[:B, :, :end]
-        return self.k[rows, :, :end], self.v[rows, :, :end]
+        return self.k[at.rows, :, :end], self.v[at.rows, :, :end]
+
+
+class Cache:
+    """The model's prepared decoding state, made by `LLaMA.setup_cache` (gpt-fast's `setup_caches`): every layer's
+    `KVCache`, the RoPE cos/sin of every cache position and the causal mask over the slots, built once; a forward only
+    indexes them (`inputs`). The serving engine's row operations (a finished row's place taken by another, a prompt
+    prefix kept and copied into a new row) live here too, so no caller reaches into the layers.
+    """
+
+    def __init__(self, model: LLaMA, batch_size: int, max_seq_len: int, dtype: torch.dtype) -> None:
+        device = model.device
+        self.layers = []
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv, attn.head_dim, dtype, device)
+            self.layers.append(attn.kv_cache)
+        self.batch_size, self.max_seq_len = batch_size, max_seq_len
+        positions = torch.arange(max_seq_len, device=device)
+        cos, sin = rope_cos_sin(model.inv_freq.to(device), positions[None], model.dtype)
+        self.cos, self.sin = cos[0, 0], sin[0, 0]  # (S, head_dim)
+        self._slots = positions
+        self._causal: Tensor | None = None
+
+    @property
+    def causal(self) -> Tensor:
+        """(S, S) bool: slot s is seen from position p when s <= p. Made on first use (generation passes masks of its
+        own, and S x S bytes is large for long caches)."""
+        if self._causal is None:
+            self._causal = self._slots[None, :] <= self._slots[:, None]
+        return self._causal
+
+    def inputs(self, slots: Tensor, position_ids: Tensor | None = None, mask: Tensor | None = None,
+               kv_len: int | None = None, rows: Tensor | None = None) -> AttnInputs:
+        """The layers' inputs for queries written at `slots` ((T,) or (B, T)): RoPE at `position_ids` (default: the
+        slots), `mask` (default: causal over the slots, per row for (B, T) slots) cut to `kv_len` slots."""
+        pos = slots if position_ids is None else position_ids
+        cos, sin = self.cos[pos], self.sin[pos]  # (T, head_dim) or (B, T, head_dim)
+        cos, sin = (cos[None, None], sin[None, None]) if pos.dim() == 1 else (cos[:, None], sin[:, None])
+        if mask is None:
+            causal = self.causal if kv_len is None else self.causal[:, :kv_len]
+            mask = causal[slots][None, None] if slots.dim() == 1 else causal[slots][:, None]
+        elif kv_len is not None:
+            mask = mask[..., :kv_len]
+        return AttnInputs(cos, sin, mask, slots, rows, kv_len)
+
+    # -- rows, for serving -----------------------------------------------------------------------------
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` slots of cache row `src` into row `dst`, in every layer."""
+        for c in self.layers:
+            c.k[dst, :, :length] = c.k[src, :, :length]
+            c.v[dst, :, :length] = c.v[src, :, :length]
+
+    def read_row(self, row: int, length: int) -> list[tuple[Tensor, Tensor]]:
+        """A copy of the first `length` slots of `row`: each layer's (keys, values), (n_kv, length, head_dim)."""
+        return [(c.k[row, :, :length].clone(), c.v[row, :, :length].clone()) for c in self.layers]
+
+    def write_row(self, row: int, kv: list[tuple[Tensor, Tensor]], length: int) -> None:
+        """Put the first `length` slots of `kv` (from `read_row`) into slots [0, length) of `row`."""
+        for c, (k, v) in zip(self.layers, kv):
+            c.k[row, :, :length] = k[:, :length]
+            c.v[row, :, :length] = v[:, :length]
 
 
 def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
@@ -130,6 +212,27 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return y.to(v.dtype).reshape(B, n_head, 1, head_dim)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cached: bool) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v with GQA, q: (B, n_head, T, head_dim), k, v: (B, n_kv, S, head_dim); `mask` None
+    is causal. One query over a cache on the CPU in bf16/fp16 takes `attend_one` (see the module docstring)."""
+    n_head, n_kv = q.size(1), k.size(1)
+    if (cached and q.size(2) == 1 and q.device.type == "cpu" and q.dtype != torch.float32
+            and (mask is None or mask.dtype == torch.bool)):
+        return attend_one(q, k, v, mask)
+    if n_kv != n_head and not _SDPA_HAS_GQA:
+        k = k.repeat_interleave(n_head // n_kv, dim=1)
+        v = v.repeat_interleave(n_head // n_kv, dim=1)
+    gqa = {"enable_gqa": True} if n_kv != n_head and _SDPA_HAS_GQA else {}
+    dtype = q.dtype
+    if dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(2) < 512 and torch.is_grad_enabled():
+        q, k, v = q.float(), k.float(), v.float()  # CPU training on short rows (see the module docstring)
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+        with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+        return y.to(dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -140,38 +243,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                kv_len: int | None = None, cache_rows: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, at: AttnInputs) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.kv_cache is not None and input_pos.dim() == 2:  # per-row slots
-            k, v = self.kv_cache.update(input_pos, k, v, cache_rows, kv_len)  # (B, n_kv, kv_len, head_dim)
-        elif self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, max_seq_len, head_dim)
-            if kv_len is not None:  # only the filled slots: less work on CPU, at the price of changing shapes
-                k, v = k[:, :, :kv_len], v[:, :, :kv_len]
-        if self.n_kv != self.n_head and not _SDPA_HAS_GQA:
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)
-        if (T == 1 and self.kv_cache is not None and x.device.type == "cpu" and x.dtype != torch.float32
-                and (mask is None or mask.dtype == torch.bool)):
-            y = attend_one(q, k, v, mask)
-        else:
-            gqa = {"enable_gqa": True} if self.n_kv != self.n_head and _SDPA_HAS_GQA else {}
-            dtype, fp32 = q.dtype, False
-            if dtype == torch.bfloat16 and x.device.type == "cpu" and T < 512 and torch.is_grad_enabled():
-                q, k, v = q.float(), k.float(), v.float()  # see the module docstring: CPU training on short rows
-                mask = mask.float() if mask is not None and mask.is_floating_point() else mask
-                fp32 = True
-            with torch.autocast(x.device.type, enabled=False) if fp32 else nullcontext():  # autocast would cast back
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
-            y = y.to(dtype)
-        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, n_head * head_dim)
-        return self.o_proj(y)
+        q, k = apply_rope(q, at.cos, at.sin), apply_rope(k, at.cos, at.sin)
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(k, v, at)  # (B, n_kv, kv_len or max_seq_len, head_dim)
+        y = attention(q, k, v, at.mask, self.kv_cache is not None)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
 class MLP(nn.Module):
@@ -196,9 +278,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None,
-                kv_len: int | None = None, cache_rows: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos, kv_len, cache_rows)
+    def forward(self, x: Tensor, at: AttnInputs) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), at)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -226,6 +307,7 @@ class LLaMA(nn.Module):
         self.inv_freq = rope_inv_freq(config, device="cpu")
         self.gradient_checkpointing = False
         self.fused_loss = True  # forward(labels=...) uses the chunked head + loss (llmlab.losses)
+        self.cache: Cache | None = None  # the prepared decoding state, while `setup_cache` holds one
         self.max_cache_len = 0
 
     # -- weights ---------------------------------------------------------------------------------
@@ -253,22 +335,20 @@ class LLaMA(nn.Module):
         return self.model.norm.weight.dtype
 
     # -- KV cache --------------------------------------------------------------------------------
-    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a static KV cache for `max_seq_len` positions in every attention layer."""
+    def setup_cache(self, batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None) -> Cache:
+        """Prepare decoding with a cache of `max_seq_len` positions for `batch_size` rows (keys/values in `dtype`,
+        default the model's): every layer's static KV cache, RoPE tables and causal mask (`Cache`)."""
         if max_seq_len > self.config.max_position_embeddings:
-            from llmlab.errors import LLMLabError
-
             raise LLMLabError(f"a cache of {max_seq_len} positions exceeds the model's context of "
                               f"{self.config.max_position_embeddings} (max_position_embeddings)")
-        dtype = dtype or self.dtype
-        for layer in self.model.layers:
-            attn = layer.self_attn
-            attn.kv_cache = KVCache(batch_size, max_seq_len, attn.n_kv, attn.head_dim, dtype, self.device)
+        self.cache = Cache(self, batch_size, max_seq_len, dtype or self.dtype)
         self.max_cache_len = max_seq_len
+        return self.cache
 
     def clear_cache(self) -> None:
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
+        self.cache = None
         self.max_cache_len = 0
 
     # -- forward ---------------------------------------------------------------------------------
@@ -278,62 +358,52 @@ class LLaMA(nn.Module):
                 return_hidden: bool = False) -> Tensor:
         """Logits for token ids `idx` (B, T); with `labels` (B, T) the mean next-token loss instead.
 
-        Without a cache: causal attention over `idx` (positions 0..T-1 unless `position_ids` is given).
-        With a cache (`setup_cache`): `input_pos` (T,) are the cache slots written; queries attend to every
-        earlier slot unless `mask` (B, 1, T, max_seq_len; True = attend) says otherwise.
-        `mask` may also be given without a cache: (B, 1, T, T).
-        `last_only` returns only the last position's logits, (B, 1, vocab), for generation.
-        `kv_len` (with a cache): attend only to slots [0, kv_len), which must cover every slot a query may see;
-        eager CPU decoding is faster with it, compiled decoding wants the fixed shapes of leaving it None.
-        Per-row slots (continuous batching, `llmlab.serve`): `input_pos` (B, T) gives each row its own slots, in
-        cache rows `cache_rows` (B,) (default the first B); the default mask is causal per row.
-        `labels` (aligned with idx, IGNORE_INDEX = no loss): the loss goes through `llmlab.losses`' chunked head +
-        cross-entropy (no full logits tensor) while `fused_loss` is True; a quantized head (frozen) is dequantized
-        for the batch in the compute dtype. `return_hidden`: the final-norm hidden
-        states (B, T, hidden) instead of logits.
+        Where the tokens sit (`attention_inputs`): without a cache, positions 0..T-1 (or `position_ids`) attending
+        causally (or as `mask` (B, 1, T, T) says). With a cache (`setup_cache`), `input_pos` are the cache slots
+        written, (T,) or per row (B, T) in cache rows `cache_rows`; queries see every earlier slot of their row, or
+        what `mask` (B, 1, T, max_seq_len; True = attend) says, within the first `kv_len` slots.
+        What comes out: `last_only` keeps the last position, (B, 1, vocab); `return_hidden` gives the final-norm hidden
+        states (B, T, hidden) instead of logits; `labels` (aligned with idx, IGNORE_INDEX = no loss) gives the loss,
+        through `llmlab.losses`' chunked head + cross-entropy (no full logits tensor) while `fused_loss` is True (a
+        quantized head, frozen, is dequantized for the batch in the compute dtype).
         """
-        B, T = idx.shape
         x = self.model.embed_tokens(idx)  # (B, T, hidden)
-        if self.inv_freq.device != idx.device:
-            self.inv_freq = self.inv_freq.to(idx.device)
-        if position_ids is None:
-            pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
-            position_ids = pos if pos.dim() == 2 else pos[None].expand(B, T)
-        cos, sin = rope_cos_sin(self.inv_freq, position_ids, x.dtype)
-        if self.max_cache_len:
-            if input_pos is None:
-                raise ValueError("a KV cache is set up: pass input_pos, the cache slots of idx")
-            if mask is None and input_pos.dim() == 2:
-                slots = torch.arange(kv_len or self.max_cache_len, device=idx.device)
-                mask = (slots[None, None, :] <= input_pos[:, :, None])[:, None]  # (B, 1, T, kv_len)
-            elif mask is None:
-                slots = torch.arange(self.max_cache_len, device=idx.device)
-                mask = (slots[None, :] <= input_pos[:, None])[None, None]  # (1, 1, T, max_seq_len)
-            if kv_len is not None:
-                mask = mask[..., :kv_len]
+        at = self.attention_inputs(x, input_pos, position_ids, mask, kv_len, cache_rows)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, input_pos, use_reentrant=False)
+                x = checkpoint(layer, x, at, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, input_pos, kv_len, cache_rows)
-        if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)  # (B, T, hidden)
+                x = layer(x, at)
+        x = self.model.norm(x[:, -1:] if last_only else x)  # (B, T, hidden)
         if return_hidden:
             return x
         if labels is None:
             return self.lm_head(x)  # (B, T, vocab)
-        from llmlab.losses import linear_cross_entropy, next_token_loss
-        from llmlab.quantized import QuantLinear
-
         head = self.lm_head
         if self.fused_loss and type(head) is nn.Linear and head.bias is None:
-            return linear_cross_entropy(x, head.weight, labels)
+            return losses.linear_cross_entropy(x, head.weight, labels)
         if self.fused_loss and isinstance(head, QuantLinear) and head.bias is None:  # frozen: dequantized per batch
             dev = x.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            return linear_cross_entropy(x, head.dequantize(dtype), labels)
-        return next_token_loss(head(x), labels)
+            return losses.linear_cross_entropy(x, head.dequantize(dtype), labels)
+        return losses.next_token_loss(head(x), labels)
+
+    def attention_inputs(self, x: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,
+                         mask: Tensor | None = None, kv_len: int | None = None,
+                         cache_rows: Tensor | None = None) -> AttnInputs:
+        """What the layers read in a forward of the embedded tokens `x` (B, T, hidden) (the arguments are
+        `forward`'s): the prepared cache's tables indexed, or without a cache the RoPE of the positions and `mask`."""
+        if self.cache is not None:
+            if input_pos is None:
+                raise ValueError("a KV cache is set up: pass input_pos, the cache slots of idx")
+            return self.cache.inputs(input_pos, position_ids, mask, kv_len, cache_rows)
+        if self.inv_freq.device != x.device:
+            self.inv_freq = self.inv_freq.to(x.device)
+        if position_ids is None:
+            position_ids = input_pos if input_pos is not None else torch.arange(x.size(1), device=x.device)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids if position_ids.dim() == 2 else position_ids[None],
+                                x.dtype)
+        return AttnInputs(cos, sin, mask)
 
 
 def build_model(config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

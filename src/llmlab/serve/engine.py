@@ -162,7 +162,7 @@ class Engine:
         self.adapters = adapters  # a MultiLoRA or None
         self.device = model.device
         with torch.inference_mode():
-            model.setup_cache(max_batch, max_seq_len)
+            self.cache = model.setup_cache(max_batch, max_seq_len)
         self.lock = threading.Lock()  # held for each scheduling round; holding it pauses the engine between steps
         self._cv = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
@@ -394,7 +394,7 @@ class Engine:
         for req, r in zip(batch, cache_rows):
             self._remember_prefix(req, r)
             for j in range(1, req.n):  # the other choices start from a copy of the prompt's cache
-                self._copy_row(r, r + j, len(req.prompt_ids))
+                self.cache.copy_row(r, r + j, len(req.prompt_ids))
         return logits
 
     def _score_prompt(self, req: GenerationRequest, hidden: Tensor, chunk: int = 256) -> list[TokenLogprob]:
@@ -418,18 +418,12 @@ class Engine:
                 break
             n += 1
         if n:
-            for layer, (k, v) in zip(self.model.model.layers, kv):
-                cache = layer.self_attn.kv_cache
-                cache.k[row, :, :n] = k[:, :n]
-                cache.v[row, :, :n] = v[:, :n]
+            self.cache.write_row(row, kv, n)
             self.stats["prefix_tokens"] += n
         return n
 
     def _remember_prefix(self, req: GenerationRequest, row: int) -> None:
-        T = len(req.prompt_ids)
-        kv = [(layer.self_attn.kv_cache.k[row, :, :T].clone(), layer.self_attn.kv_cache.v[row, :, :T].clone())
-              for layer in self.model.model.layers]
-        self._prefix[req.adapter] = (list(req.prompt_ids), kv)
+        self._prefix[req.adapter] = (list(req.prompt_ids), self.cache.read_row(row, len(req.prompt_ids)))
 
     def _step(self) -> None:
         rows = self._rows
@@ -525,12 +519,6 @@ class Engine:
             while rows and rows[-1].done:
                 rows.pop()
             if i < len(rows) and rows[i].done:
-                self._copy_row(len(rows) - 1, i, rows[-1].pos)
+                self.cache.copy_row(len(rows) - 1, i, rows[-1].pos)
                 rows[i] = rows.pop()
             i += 1
-
-    def _copy_row(self, src: int, dst: int, length: int) -> None:
-        for layer in self.model.model.layers:
-            cache = layer.self_attn.kv_cache
-            cache.k[dst, :, :length] = cache.k[src, :, :length]
-            cache.v[dst, :, :length] = cache.v[src, :, :length]
