@@ -68,7 +68,8 @@ def _chunk_loss(h: Tensor, w: Tensor, y: Tensor, scale: Tensor | None) -> tuple[
             probs = rows.sub_(lse[:, None]).exp_()  # softmax, in place
             probs.scatter_add_(1, t, -v[:, None].to(probs.dtype))
             probs.mul_((v.to(probs.dtype) * scale)[:, None])
-            logits[s:s + step] = probs
+            if probs.dtype != logits.dtype:  # fp32 logits were modified in place already
+                logits[s:s + step] = probs
     return loss, (logits if scale is not None else None)
 
 
