@@ -88,3 +88,18 @@ def test_finetune_errors(setup: tuple[Path, Path], tmp_path: Path, capsys: pytes
     assert "exceeds the context" in capsys.readouterr().err
     assert main(["merge", str(ckpt), str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_finetune_auto_precision_follows_the_cpu(native: bool, setup: tuple[Path, Path], tmp_path: Path,
+                                                 monkeypatch) -> None:
+    from _tiny import record_autocast
+
+    from llmlab.args import TrainConfig
+
+    ckpt, data = setup
+    chosen = record_autocast(monkeypatch, native)
+    cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=64, eval_every=0, eval_batches=1, save_every=0)
+    assert cfg.precision == "auto"
+    finetune(ckpt, data=data, out=tmp_path / "run", method="lora", train=cfg)
+    assert chosen == [torch.bfloat16 if native else None]

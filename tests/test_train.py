@@ -405,6 +405,16 @@ def test_auto_precision_is_bf16_autocast_only_where_the_cpu_computes_bf16(native
     assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # forced: runs on any CPU
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_pretrain_auto_precision_follows_the_cpu(native: bool, data_dir: Path, model_yaml: Path, tmp_path: Path,
+                                                 monkeypatch) -> None:
+    from _tiny import record_autocast
+
+    chosen = record_autocast(monkeypatch, native)
+    pretrain(model=model_yaml, data=data_dir, out=tmp_path / "r", train=small_config(max_steps=1, precision="auto"))
+    assert chosen == [torch.bfloat16 if native else None]
+
+
 def test_bf16_autocast_loss_curve_tracks_fp32(data_dir: Path, tmp_path: Path) -> None:
     """The same 30 steps (seeds, data, init) in fp32 and under bf16 autocast (forced, so AVX2 hosts run it too):
     every logged training loss within 1% of fp32's (measured: 0.07% at most on this model), the final validation
