@@ -90,24 +90,11 @@ def test_qlora_saves_lora_folders() -> None:
 
 
 # -- adapters on a quantized base (GGUF blocks) ---------------------------------------------------------
-# Q8_0, Q4_0, Q4_1 and two k-quants (on ffn_down, the projection with 256 inputs); blk.1's qkv mixes formats
-# (a FusedQuantLinear); the tied table (embeddings and head) is Q8_0.
-QUANT_TYPES = {"token_embd.weight": "Q8_0",
-               "blk.0.attn_q.weight": "Q4_1", "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q4_1",
-               "blk.0.attn_output.weight": "Q4_0", "blk.0.ffn_gate.weight": "Q8_0", "blk.0.ffn_up.weight": "Q8_0",
-               "blk.0.ffn_down.weight": "Q4_K",
-               "blk.1.attn_q.weight": "Q4_0", "blk.1.attn_k.weight": "Q8_0", "blk.1.attn_v.weight": "Q4_1",
-               "blk.1.attn_output.weight": "Q8_0", "blk.1.ffn_gate.weight": "Q4_1", "blk.1.ffn_up.weight": "Q4_1",
-               "blk.1.ffn_down.weight": "Q6_K"}
-
-
 @pytest.fixture(scope="module")
 def quant_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from _gguf_writer import tiny_hf_model, write_llama_gguf
+    from _gguf_writer import tiny_mixed_gguf
 
-    cfg, hf = tiny_hf_model(tie=True)
-    sd = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    return write_llama_gguf(tmp_path_factory.mktemp("quant") / "tiny.gguf", cfg, sd, types=QUANT_TYPES)
+    return tiny_mixed_gguf(tmp_path_factory.mktemp("quant") / "tiny.gguf")
 
 
 @pytest.mark.parametrize("amp", [False, True])

@@ -103,3 +103,44 @@ def test_finetune_auto_precision_follows_the_cpu(native: bool, setup: tuple[Path
     assert cfg.precision == "auto"
     finetune(ckpt, data=data, out=tmp_path / "run", method="lora", train=cfg)
     assert chosen == [torch.bfloat16 if native else None]
+
+
+def test_lora_on_a_gguf_file_trains_its_blocks_and_the_adapter_gives_the_same_logits_in_peft(
+        setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """`llmlab finetune tiny.gguf --method lora` trains on the file's quantized blocks (no float checkpoint is
+    loaded), and its PEFT adapter on the float import of the same GGUF in HF transformers + PEFT gives the logits
+    llmlab gives on the quantized base: exactly the same weights with the dequant kernel (fp32 scales), within the
+    bf16 rounding of scales with the fast kernels."""
+    from _gguf_writer import tiny_mixed_gguf
+
+    import llmlab.checkpoint as checkpoint
+    from llmlab.gguf_import import import_gguf, load_gguf_quantized
+
+    _, data = setup
+    gguf = tiny_mixed_gguf(tmp_path / "tiny.gguf")
+    run = tmp_path / "run"
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("a float copy was loaded"))
+    assert main(["finetune", str(gguf), "--data", str(data), "--out", str(run), "--method", "lora",
+                 "--lora.r", "4", "--lora.targets", "all", "--train.lr", "1e-2", TRAIN[0], "12",
+                 *TRAIN[2:]]) == 0
+    assert "training on the quantized blocks of" in capsys.readouterr().err
+    vals = val_losses(run)
+    assert vals[-1] < vals[0], vals
+    final = run / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    monkeypatch.undo()
+
+    peft = pytest.importorskip("peft", reason="the PEFT parity check needs peft")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(import_gguf(gguf, tmp_path / "float"), torch_dtype=torch.float32)
+    x = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_logits = hf(x).logits
+        theirs = peft.PeftModel.from_pretrained(hf, final).eval()(x).logits
+    assert (theirs - base_logits).abs().max() > 1e-3  # the adapter changes the logits
+    for kernel, tol in (("dequant", 1e-4), ("auto", 2e-2)):
+        model, _, _ = load_gguf_quantized(gguf, dtype=torch.float32, kernel=kernel)
+        with torch.no_grad():
+            ours = load_adapter(model, final)(x)
+        assert (ours - theirs).abs().max() <= tol * theirs.abs().max(), kernel
