@@ -144,3 +144,30 @@ def test_lora_on_a_gguf_file_trains_its_blocks_and_the_adapter_gives_the_same_lo
         with torch.no_grad():
             ours = load_adapter(model, final)(x)
         assert (ours - theirs).abs().max() <= tol * theirs.abs().max(), kernel
+
+
+def test_base_weights_choose_the_gguf_blocks_only_for_adapter_methods(setup: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    from _gguf_writer import tiny_mixed_gguf
+
+    from llmlab.finetune import gguf_base
+    from llmlab.gguf_import import import_gguf
+
+    ckpt, _ = setup
+    gguf = tiny_mixed_gguf(tmp_path / "tiny.gguf")
+    folder = import_gguf(gguf, tmp_path / "imported")  # keeps model.gguf
+    assert gguf_base(folder, "lora") == folder / "model.gguf" == gguf_base(folder, "adapter", "gguf")
+    assert gguf_base(gguf, "lora") == gguf
+    assert gguf_base(folder, "lora", "float") is None and gguf_base(folder, "full") is None
+    assert gguf_base(folder, "qlora") is None  # QLoRA quantizes the float weights to NF4 itself
+    assert gguf_base(ckpt, "lora") is None  # a folder written by training keeps no GGUF
+    with pytest.raises(LLMLabError, match="--base_weights gguf: .* keeps no GGUF"):
+        gguf_base(ckpt, "lora", "gguf")
+    with pytest.raises(LLMLabError, match="--method full trains float weights; .* is a GGUF file"):
+        gguf_base(gguf, "full")
+    with pytest.raises(LLMLabError, match="--base_weights gguf: --method freeze trains float weights"):
+        gguf_base(folder, "freeze", "gguf")
+    with pytest.raises(LLMLabError, match="--base_weights float: .* is a GGUF file"):
+        gguf_base(gguf, "lora", "float")
+    with pytest.raises(LLMLabError, match="--base_weights: expected one of auto, gguf, float, got 'nf4'"):
+        gguf_base(folder, "lora", "nf4")
