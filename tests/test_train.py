@@ -81,6 +81,7 @@ def test_no_weight_decay_on_norms_and_biases() -> None:
     names_no_decay = sorted(n for n, p in named if id(p) in by_wd[0.0])
     assert names_no_decay and all(n.endswith(("norm.weight", ".bias")) for n in names_no_decay)
     assert len(by_wd[0.1]) + len(by_wd[0.0]) == len(named)
+    assert opt.defaults["fused"]  # one kernel over all parameters on CPU too (LoRA: hundreds of small tensors)
 
 
 # -- training ----------------------------------------------------------------------------------------

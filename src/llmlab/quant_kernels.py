@@ -175,27 +175,26 @@ class Int4PackCPU(Kernel):
 
     def dequantize(self, buffers: dict[str, Tensor], spec: QuantSpec, dtype: torch.dtype, start: int = 0,
                    end: int | None = None) -> Tensor:
-        # Whole blocks straight out of the packed layout, as W^T (K, N) returned transposed: byte c of block row k
-        # holds rows c (low nibble) and c + block/2 (high) of the block, so each nibble half is one strided
-        # multiply-add over (K, blocks, block/2), written in runs of block/2 outputs. 2x the gather of `rows`.
+        # Whole blocks straight out of the packed layout, as W^T (K, R) returned transposed: byte c of block row k
+        # holds rows c (low nibble) and c + block/2 (high) of the block, so the two nibble halves, written as floats
+        # side by side, are the rows in order; then one multiply-add per group in fp32, rounded once into `dtype`.
+        # Every pass is contiguous: 2.6x the strided multiply-add over nibble views, 5x the gather of `rows`.
         n, k, g = spec.out_features, spec.in_features, spec.group
         end = n if end is None else end
         block, scheme = _int4_cpu_layout()
         if scheme != "halves" or start % block or end % block:
             return super().dequantize(buffers, spec, dtype, start, end)
-        nb, half = (end - start) // block, block // 2
-        blocks = buffers["packed"][start:end].view(nb, k, half)
+        r, nb, half = end - start, (end - start) // block, block // 2
+        codes = buffers["packed"][start:end].view(nb, k, half).permute(1, 0, 2)  # (K, blocks, block/2)
+        u = torch.empty(k, nb, 2, half, dtype=torch.float32, device=codes.device)
+        u[:, :, 0] = codes & 15
+        u[:, :, 1] = codes >> 4
         sz = buffers["scales_zeros"][:, start:end].float()  # (K/group, R, 2)
         scale = sz[..., 0]
         zero = sz[..., 1] - 8 * scale  # w = (u - 8) * s + z = u * s + (z - 8 s)
-        shape = (k // g, 1, nb, 2, half)
-        scale, zero = scale.view(shape), zero.view(shape)
-        wt = torch.empty(k, end - start, dtype=dtype, device=blocks.device)
-        out = wt.view(k // g, g, nb, 2, half)
-        for i, codes in enumerate((blocks & 15, blocks >> 4)):
-            torch.addcmul(zero[:, :, :, i], codes.permute(1, 0, 2).view(k // g, g, nb, half), scale[:, :, :, i],
-                          out=out[:, :, :, i])
-        return wt.t()
+        wt = torch.empty(k // g, g, r, dtype=dtype, device=codes.device)
+        torch.addcmul(zero[:, None], u.view(k // g, g, r), scale[:, None], out=wt)
+        return wt.view(k, r).t()
 
 
 class Int8Split(Kernel):
