@@ -79,15 +79,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def cpu_summary() -> str:
-    """The CPU features that decide the numbers: flags, torch's kernel capability, native bf16, threads."""
+def cpu_summary(threads: int = 0) -> str:
+    """The CPU features that decide the numbers: flags, torch's kernel capability, native bf16, threads (`threads`,
+    0: torch's default)."""
     import torch
 
     from llmlab.hardware import cpu_capability, cpu_flags, native_bf16
 
     flags = [f for f in CPU_FLAGS if f in cpu_flags()]
     return (f"CPU flags: {' '.join(flags) or 'none of ' + ' '.join(CPU_FLAGS)}; torch capability "
-            f"{cpu_capability()}; native bf16: {'yes' if native_bf16() else 'no'}; {torch.get_num_threads()} threads")
+            f"{cpu_capability()}; native bf16: {'yes' if native_bf16() else 'no'}; "
+            f"{threads or torch.get_num_threads()} threads")
 
 
 def text_tokens(ckpt: str, files: list[Path] | None) -> list[int]:
@@ -283,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
               f"{r['held_out_loss']:.4f}", file=sys.stderr, flush=True)
     title = (f"{args.ckpt}, batch {args.batch_size} x {args.seq_len} tokens, {args.steps - args.warmup} timed steps "
              f"after {args.warmup}, LoRA r={args.lora_r} alpha={args.lora_alpha} on {args.lora_targets}, "
-             f"lr {args.lr} (full, freeze: {args.full_lr}); {cpu_summary()}")
+             f"lr {args.lr} (full, freeze: {args.full_lr}); {cpu_summary(args.threads)}")
     text = table(results)
     print(title + "\n" + text)
     if args.docs:
