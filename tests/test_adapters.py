@@ -87,3 +87,58 @@ def test_unreadable_adapter_folders(ckpt: Path, tmp_path: Path) -> None:
 
 def test_qlora_saves_lora_folders() -> None:
     assert QLoRA.kind == "lora" and ADAPTER_KINDS[QLoRA.kind] is LoRA  # its folders load on the full-precision base
+
+
+# -- adapters on a quantized base (GGUF blocks) ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def quant_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from _gguf_writer import tiny_mixed_gguf
+
+    return tiny_mixed_gguf(tmp_path_factory.mktemp("quant") / "tiny.gguf")
+
+
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_adapters_train_on_quantized_blocks_without_a_float_copy_of_the_base(quant_gguf: Path, kind: str,
+                                                                            amp: bool) -> None:
+    """LoRA and bottleneck adapters wrap the GGUF's quantized layers and train through them (the loss on a fixed
+    batch falls, in fp32 and under bf16 autocast); the blocks stay as they were, and no float weight of the base's
+    shapes exists: the only float parameters are the norms and what the adapter adds."""
+    import torch
+    from torch import nn
+
+    from llmlab.gguf_import import load_gguf_quantized
+    from llmlab.quantized import FusedQuantLinear, QuantLinear
+
+    model, _, _ = load_gguf_quantized(quant_gguf, dtype=torch.float32)
+    quantized = [m for m in model.modules() if isinstance(m, (QuantLinear, FusedQuantLinear))]
+    assert any(isinstance(m, FusedQuantLinear) for m in quantized)
+    base_shapes = {(m.out_features, m.in_features) for m in quantized}
+    blocks = {f"{i}.{n}": b.clone() for i, m in enumerate(quantized) if isinstance(m, QuantLinear)
+              for n, b in m.kernel_buffers().items()}
+    norms = sum(p.numel() for p in model.parameters())
+    assert norms == sum(p.numel() for n, p in model.named_parameters() if n.endswith("norm.weight"))
+
+    method = (LoRA(LoRAConfig(r=4, alpha=8, targets="all")) if kind == "lora" else
+              Bottleneck(BottleneckConfig(dim=8)))
+    model = method.prepare(model)
+    trainable = method.trainable_parameters(model)
+    assert trainable and {n for n, _ in trainable} == {n for n, _ in method.params(model)}
+    assert sum(p.numel() for p in model.parameters()) == norms + sum(p.numel() for _, p in trainable)
+    assert not [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                and tuple(m.weight.shape) in base_shapes]
+
+    ids = torch.randint(3, 250, (4, 33), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=2e-2)
+    losses = []
+    for _ in range(25):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = model(ids[:, :-1], labels=ids[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.25, losses  # learns the batch (lora: -1.0 in 25 steps, adapter: -0.4)
+    after = {f"{i}.{n}": b for i, m in enumerate(quantized) if isinstance(m, QuantLinear)
+             for n, b in m.kernel_buffers().items()}
+    assert all(torch.equal(blocks[k], after[k]) for k in blocks)

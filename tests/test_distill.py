@@ -300,3 +300,14 @@ def test_cli_distill(teacher_ckpt: Path, instruct_file: Path, tmp_path: Path, ca
     assert main(["distill", "--teacher", str(teacher_ckpt), "--data", str(instruct_file), "--out", str(tmp_path / "y"),
                  "--student", "tiny", "--train.seq-len", "4096"]) == 2
     assert "seq_len 4096 exceeds the teacher's context of 128" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_distill_auto_precision_follows_the_cpu(native: bool, teacher_ckpt: Path, instruct_file: Path,
+                                                tmp_path: Path, monkeypatch) -> None:
+    from _tiny import record_autocast
+
+    chosen = record_autocast(monkeypatch, native)
+    distill(teacher=teacher_ckpt, data=instruct_file, out=tmp_path / "run", student_layers="0,3",
+            train=small_config(max_steps=1))
+    assert chosen == [torch.bfloat16 if native else None]

@@ -88,3 +88,86 @@ def test_finetune_errors(setup: tuple[Path, Path], tmp_path: Path, capsys: pytes
     assert "exceeds the context" in capsys.readouterr().err
     assert main(["merge", str(ckpt), str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_finetune_auto_precision_follows_the_cpu(native: bool, setup: tuple[Path, Path], tmp_path: Path,
+                                                 monkeypatch) -> None:
+    from _tiny import record_autocast
+
+    from llmlab.args import TrainConfig
+
+    ckpt, data = setup
+    chosen = record_autocast(monkeypatch, native)
+    cfg = TrainConfig(max_steps=1, batch_size=2, seq_len=64, eval_every=0, eval_batches=1, save_every=0)
+    assert cfg.precision == "auto"
+    finetune(ckpt, data=data, out=tmp_path / "run", method="lora", train=cfg)
+    assert chosen == [torch.bfloat16 if native else None]
+
+
+def test_lora_on_a_gguf_file_trains_its_blocks_and_the_adapter_gives_the_same_logits_in_peft(
+        setup: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch) -> None:
+    """`llmlab finetune tiny.gguf --method lora` trains on the file's quantized blocks (no float checkpoint is
+    loaded), and its PEFT adapter on the float import of the same GGUF in HF transformers + PEFT gives the logits
+    llmlab gives on the quantized base: exactly the same weights with the dequant kernel (fp32 scales), within the
+    bf16 rounding of scales with the fast kernels."""
+    from _gguf_writer import tiny_mixed_gguf
+
+    import llmlab.checkpoint as checkpoint
+    from llmlab.gguf_import import import_gguf, load_gguf_quantized
+
+    _, data = setup
+    gguf = tiny_mixed_gguf(tmp_path / "tiny.gguf")
+    run = tmp_path / "run"
+    monkeypatch.setattr(checkpoint, "load_checkpoint", lambda *a, **k: pytest.fail("a float copy was loaded"))
+    assert main(["finetune", str(gguf), "--data", str(data), "--out", str(run), "--method", "lora",
+                 "--lora.r", "4", "--lora.targets", "all", "--train.lr", "1e-2", TRAIN[0], "12",
+                 *TRAIN[2:]]) == 0
+    assert "training on the quantized blocks of" in capsys.readouterr().err
+    vals = val_losses(run)
+    assert vals[-1] < vals[0], vals
+    final = run / "final"
+    assert (final / "adapter_config.json").is_file() and not (final / "model.safetensors").exists()
+    monkeypatch.undo()
+
+    peft = pytest.importorskip("peft", reason="the PEFT parity check needs peft")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(import_gguf(gguf, tmp_path / "float"), torch_dtype=torch.float32)
+    x = torch.randint(3, 250, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_logits = hf(x).logits
+        theirs = peft.PeftModel.from_pretrained(hf, final).eval()(x).logits
+    assert (theirs - base_logits).abs().max() > 1e-3  # the adapter changes the logits
+    for kernel, tol in (("dequant", 1e-4), ("auto", 2e-2)):
+        model, _, _ = load_gguf_quantized(gguf, dtype=torch.float32, kernel=kernel)
+        with torch.no_grad():
+            ours = load_adapter(model, final)(x)
+        assert (ours - theirs).abs().max() <= tol * theirs.abs().max(), kernel
+
+
+def test_base_weights_choose_the_gguf_blocks_only_for_adapter_methods(setup: tuple[Path, Path],
+                                                                     tmp_path: Path) -> None:
+    from _gguf_writer import tiny_mixed_gguf
+
+    from llmlab.finetune import gguf_base
+    from llmlab.gguf_import import import_gguf
+
+    ckpt, _ = setup
+    gguf = tiny_mixed_gguf(tmp_path / "tiny.gguf")
+    folder = import_gguf(gguf, tmp_path / "imported")  # keeps model.gguf
+    assert gguf_base(folder, "lora") == folder / "model.gguf" == gguf_base(folder, "adapter", "gguf")
+    assert gguf_base(gguf, "lora") == gguf
+    assert gguf_base(folder, "lora", "float") is None and gguf_base(folder, "full") is None
+    assert gguf_base(folder, "qlora") is None  # QLoRA quantizes the float weights to NF4 itself
+    assert gguf_base(ckpt, "lora") is None  # a folder written by training keeps no GGUF
+    with pytest.raises(LLMLabError, match="--base_weights gguf: .* keeps no GGUF"):
+        gguf_base(ckpt, "lora", "gguf")
+    with pytest.raises(LLMLabError, match="--method full trains float weights; .* is a GGUF file"):
+        gguf_base(gguf, "full")
+    with pytest.raises(LLMLabError, match="--base_weights gguf: --method freeze trains float weights"):
+        gguf_base(folder, "freeze", "gguf")
+    with pytest.raises(LLMLabError, match="--base_weights float: .* is a GGUF file"):
+        gguf_base(gguf, "lora", "float")
+    with pytest.raises(LLMLabError, match="--base_weights: expected one of auto, gguf, float, got 'nf4'"):
+        gguf_base(folder, "lora", "nf4")

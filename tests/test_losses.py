@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from llmlab.config import ModelConfig
-from llmlab.losses import IGNORE_INDEX, default_chunk, linear_cross_entropy, next_token_loss
+from llmlab.losses import IGNORE_INDEX, default_chunk, linear_cross_entropy, next_token_loss, softmax_rows
 from llmlab.methods import Method
 from llmlab.model import build_model
 
@@ -62,6 +62,34 @@ def test_bf16_autocast_matches_the_plain_autocast_loss():
     for a, b in zip(_grads(out, h, w), _grads(ref, h, w)):
         assert a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=0.05, atol=2e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize("amp", [False, True])
+def test_softmax_in_groups_of_rows_equals_the_plain_loss_and_gradients(rows, amp, monkeypatch):
+    """The softmax of a chunk taken a few rows at a time (`softmax_rows`, sized for a CPU's cache on real
+    vocabularies) gives the plain cross-entropy and its gradients, in fp32 and under bf16 autocast."""
+    import llmlab.losses as losses
+
+    monkeypatch.setattr(losses, "softmax_rows", lambda vocab, device: rows)
+    h, w, y = _inputs(4, vocab=512, hidden=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        ref = next_token_loss(torch.nn.functional.linear(h, w), y)
+        out = linear_cross_entropy(h, w, y, chunk=32)
+        with torch.no_grad():
+            no_grad = linear_cross_entropy(h, w, y, chunk=32)
+    tol = dict(rtol=2e-3, atol=2e-3) if amp else dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(no_grad, out, rtol=1e-6, atol=1e-6)
+    gtol = dict(rtol=0.05, atol=2e-4) if amp else dict(rtol=1e-5, atol=1e-7)
+    for a, b in zip(_grads(out, h, w), _grads(ref, h, w)):
+        torch.testing.assert_close(a, b, **gtol)
+
+
+def test_softmax_rows_keep_a_cpu_block_within_the_cache():
+    assert softmax_rows(49152, torch.device("cpu")) * 49152 * 4 <= 1 << 21
+    assert softmax_rows(10**9, torch.device("cpu")) == 1
+    assert softmax_rows(49152, torch.device("meta")) >= 1 << 30  # other devices: the whole chunk at once
 
 
 def test_mismatched_labels_are_refused():

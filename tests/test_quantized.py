@@ -208,6 +208,55 @@ def test_backward_gives_the_input_gradient(kernel, dtype):
     assert not any(p.requires_grad for p in layer.parameters())
 
 
+def dequantize_cases():
+    for kind in FORMATS:
+        for name in usable_kernels(QuantSpec.of(groups_of(kind, rows=144)), torch.device("cpu")):
+            yield kind, name
+
+
+@pytest.mark.parametrize("kind,kernel", list(dequantize_cases()))
+def test_kernel_dequantize_of_row_ranges_equals_its_rows(kind, kernel, monkeypatch):
+    """Each kernel's contiguous `dequantize` (the training path's, no gather) gives the weights its `rows` give, for
+    whole layers, block-aligned and unaligned ranges and a short last block (144 rows = 2 x 64 + 16), in fp32 and
+    bf16 (computed in fp32, rounded once: the two may differ by one rounding of the last bit)."""
+    import llmlab.quantized as quantized
+
+    layer = QuantLinear(groups_of(kind, rows=144), kernel=kernel)
+    buffers, spec = layer.kernel_buffers(), layer.spec
+    for start, end in [(0, None), (0, 128), (64, 128), (10, 75), (128, 144)]:
+        stop = 144 if end is None else end
+        for dtype in (torch.float32, torch.bfloat16):
+            got = layer.kernel.dequantize(buffers, spec, dtype, start, end)
+            want = layer.rows(torch.arange(start, stop)).dequantize(dtype)
+            assert got.shape == want.shape == (stop - start, 256) and got.dtype == dtype
+            tol = 1e-6 if dtype == torch.float32 else 2 ** -8
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+    monkeypatch.setattr(quantized, "_CHUNK", 64 * 256)  # the layer's own dequantize, a few rows at a time
+    torch.testing.assert_close(layer.dequantize(), layer.rows(torch.arange(144)).dequantize(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_training_batches_take_the_dense_path_with_exact_gradients(amp, monkeypatch):
+    """A batch of many rows with gradients recorded is multiplied by the dequantized weight (dense GEMM), forward
+    and backward, in autocast's dtype when it is on; the gradient reaches the input only."""
+    import llmlab.quantized as quantized
+
+    monkeypatch.setattr(quantized, "_CHUNK", 64 * 256)  # three chunks of rows
+    layer = QuantLinear(groups_of("Q4_1", rows=144))
+    w = layer.dequantize()
+    x = torch.randn(4, 8, 256, requires_grad=True)
+    grad_y = torch.randn(4, 8, 144)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        y = layer(x)
+    assert y.dtype == (torch.bfloat16 if amp else torch.float32) and y.shape == (4, 8, 144)
+    (y.float() * grad_y).sum().backward()
+    tol = 3e-2 if amp else 1e-5
+    ref = F.linear(x.detach(), w)
+    torch.testing.assert_close(y.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+    torch.testing.assert_close(x.grad, grad_y @ w, rtol=tol, atol=tol * (grad_y @ w).abs().max().item())
+    assert not any(p.requires_grad for p in layer.parameters())
+
+
 def test_dtype_moves_keep_the_kernel_buffers():
     layer = QuantLinear(groups_of("Q4_1"))
     before = {k: v.dtype for k, v in layer.kernel_buffers().items()}

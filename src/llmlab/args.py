@@ -29,7 +29,8 @@ class TrainConfig:
         beta2: AdamW beta2 (LLaMA: 0.95).
         weight_decay: AdamW decoupled weight decay, applied to matrices only (not to norms and biases).
         grad_clip: Clip the global gradient norm to this value (0 = no clipping).
-        precision: auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16 (autocast; trained weights stay fp32,
+        precision: auto (bf16 autocast on CUDA and on CPUs that compute bf16 natively: AVX-512 BF16 or AMX; fp32
+            on other CPUs, where bf16 is emulated and slower), fp32, bf16 (autocast; trained weights stay fp32,
             frozen ones of LoRA/adapter/QLoRA runs are kept in bf16), or bf16-true (every weight in bf16, no
             autocast: least memory, fastest, updates rounded to bf16).
         activation_checkpointing: Recompute each block's activations in the backward pass (less memory, ~30% slower).

@@ -44,21 +44,33 @@ def default_chunk(vocab_size: int) -> int:
     return max(64, CHUNK_ELEMENTS // vocab_size)
 
 
+def softmax_rows(vocab_size: int, device: torch.device) -> int:
+    """Rows of logits whose softmax is computed together. On a CPU, as many as keep their fp32 copy within ~2 MB
+    (the core's cache): the five passes of the softmax and its gradient then run from the cache instead of memory,
+    3x faster than over the whole chunk (measured on 512 x 49,152). On other devices, the whole chunk."""
+    return max(1, (1 << 21) // (4 * vocab_size)) if device.type == "cpu" else 1 << 62
+
+
 def _chunk_loss(h: Tensor, w: Tensor, y: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Summed cross-entropy of one chunk (h (C, H), labels y (C,)); with `scale` also the gradient of the summed
-    loss times `scale` with respect to the chunk's logits, in the compute dtype."""
-    logits = (h @ w.t()).float()  # (C, V) fp32
-    lse = torch.logsumexp(logits, dim=-1)
+    loss times `scale` with respect to the chunk's logits, in the compute dtype (written over the logits)."""
+    logits = h @ w.t()  # (C, V) in the compute dtype
     valid = y != IGNORE_INDEX
     target = y.clamp(min=0)[:, None]
-    picked = logits.gather(1, target).squeeze(1)
-    loss = ((lse - picked) * valid).sum()
-    if scale is None:
-        return loss, None
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place over the fp32 logits
-    probs.scatter_add_(1, target, -valid[:, None].to(probs.dtype))
-    probs.mul_((valid.to(probs.dtype) * scale)[:, None])
-    return loss, probs.to(h.dtype)
+    loss = torch.zeros((), dtype=torch.float32, device=h.device)
+    step = softmax_rows(w.shape[0], h.device)
+    for s in range(0, logits.shape[0], step):
+        rows = logits[s:s + step].float()  # (rows, V) fp32 (the logits themselves when they are fp32)
+        lse = torch.logsumexp(rows, dim=-1)
+        t, v = target[s:s + step], valid[s:s + step]
+        loss += ((lse - rows.gather(1, t).squeeze(1)) * v).sum()
+        if scale is not None:
+            probs = rows.sub_(lse[:, None]).exp_()  # softmax, in place
+            probs.scatter_add_(1, t, -v[:, None].to(probs.dtype))
+            probs.mul_((v.to(probs.dtype) * scale)[:, None])
+            if probs.dtype != logits.dtype:  # fp32 logits were modified in place already
+                logits[s:s + step] = probs
+    return loss, (logits if scale is not None else None)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -8,6 +8,8 @@ Design choices (Touvron et al. 2023 and its descendants):
   with q, k and v fused into one `qkv_proj` matmul; a single query position attending to a cache on the CPU in
   bf16/fp16 (a decode step) takes `attend_one`, a plain fp32 softmax(q k^T) v, instead: torch's CPU flash kernel
   costs ~0.25 ms per call in bf16 at 256 cached positions, 30 calls a token;
+- training on a CPU in bf16, attention over fewer than 512 positions runs in fp32: the CPU flash kernel's bf16
+  backward pass costs 1.7-2.4x its fp32 one there (from 512 positions on, bf16 is the faster);
 - optional tied input/output embeddings;
 - a preallocated (static) KV cache for decoding, so decode steps have fixed shapes, prepared as in gpt-fast's
   `setup_caches`: `LLaMA.setup_cache` returns a `Cache` holding every layer's keys/values, the RoPE table and the
@@ -30,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from llmlab import losses
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
+from llmlab.quantized import QuantLinear
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
 
@@ -220,6 +223,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cached: bool
         k = k.repeat_interleave(n_head // n_kv, dim=1)
         v = v.repeat_interleave(n_head // n_kv, dim=1)
     gqa = {"enable_gqa": True} if n_kv != n_head and _SDPA_HAS_GQA else {}
+    dtype = q.dtype
+    if dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(2) < 512 and torch.is_grad_enabled():
+        q, k, v = q.float(), k.float(), v.float()  # CPU training on short rows (see the module docstring)
+        mask = mask.float() if mask is not None and mask.is_floating_point() else mask
+        with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
+        return y.to(dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
 
 
@@ -354,7 +364,8 @@ class LLaMA(nn.Module):
         what `mask` (B, 1, T, max_seq_len; True = attend) says, within the first `kv_len` slots.
         What comes out: `last_only` keeps the last position, (B, 1, vocab); `return_hidden` gives the final-norm hidden
         states (B, T, hidden) instead of logits; `labels` (aligned with idx, IGNORE_INDEX = no loss) gives the loss,
-        through `llmlab.losses`' chunked head + cross-entropy (no full logits tensor) while `fused_loss` is True.
+        through `llmlab.losses`' chunked head + cross-entropy (no full logits tensor) while `fused_loss` is True (a
+        quantized head, frozen, is dequantized for the batch in the compute dtype).
         """
         x = self.model.embed_tokens(idx)  # (B, T, hidden)
         at = self.attention_inputs(x, input_pos, position_ids, mask, kv_len, cache_rows)
@@ -368,9 +379,14 @@ class LLaMA(nn.Module):
             return x
         if labels is None:
             return self.lm_head(x)  # (B, T, vocab)
-        if self.fused_loss and type(self.lm_head) is nn.Linear and self.lm_head.bias is None:
-            return losses.linear_cross_entropy(x, self.lm_head.weight, labels)
-        return losses.next_token_loss(self.lm_head(x), labels)
+        head = self.lm_head
+        if self.fused_loss and type(head) is nn.Linear and head.bias is None:
+            return losses.linear_cross_entropy(x, head.weight, labels)
+        if self.fused_loss and isinstance(head, QuantLinear) and head.bias is None:  # frozen: dequantized per batch
+            dev = x.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+            return losses.linear_cross_entropy(x, head.dequantize(dtype), labels)
+        return losses.next_token_loss(head(x), labels)
 
     def attention_inputs(self, x: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,
                          mask: Tensor | None = None, kv_len: int | None = None,

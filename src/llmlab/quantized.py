@@ -8,8 +8,10 @@ eighth of an fp32 one. `QuantLinear` holds a weight as `Groups` (integer codes +
 - `dequantize()`: the exact weights the layer multiplies by (fp32), for merging, export and tests;
 - `rows(index)`: a few rows' groups, which is how `QuantEmbedding` looks tokens up: a tied head and embedding
   share one quantized tensor;
-- backward w.r.t. the input (grad_x = grad_y @ W, chunked over output rows so W is never whole in float) is
-  implemented, so LoRA on a quantized base can train through it; the quantized weights themselves are frozen.
+- training (gradients recorded, a batch of `DENSE_MIN_ROWS` rows or more): the weight is dequantized to the
+  compute dtype (autocast's, as nn.Linear) a chunk of rows at a time and multiplied by the dense GEMM, forward and
+  backward (grad_x = grad_y @ W), never kept: LoRA and bottleneck adapters train on a quantized base through it;
+  the quantized weights themselves are frozen.
 A fused projection (`qkv_proj`, `gate_up_proj`) whose parts share a format is one `QuantLinear` over the
 concatenated rows (a group never spans two rows, so each part keeps its own blocks); parts of different formats
 (Q4_K_M files mix Q4_K and Q6_K) become a `FusedQuantLinear` of one layer per part.
@@ -21,16 +23,63 @@ saved in a kernel's layout, which depends on the CPU: their buffers are not part
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.errors import LLMLabError
 from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel
 
-_BACKWARD_CHUNK = 1 << 22  # weights dequantized at a time by the backward pass
+_CHUNK = 1 << 22  # weights dequantized at a time by the dense (training) path: 8 MB in bf16
+DENSE_MIN_ROWS = 16  # products of at least this many rows take the dense path when gradients are recorded
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a linear layer computes x in: autocast's when it is on for x's device (as nn.Linear), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _row_chunks(layer: QuantLinear, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+    """Ranges of rows [start, end) of at most _CHUNK weights each (whole 64-row blocks from `start`, so every kernel
+    slices its layout)."""
+    end = layer.out_features if end is None else end
+    step = max(64, _CHUNK // layer.in_features // 64 * 64)
+    return [(a, min(end, a + step)) for a in range(start, end, step)]
+
+
+class _DenseQuantMatmul(torch.autograd.Function):
+    """y = x @ W.T for a batch of many rows, with W quantized and frozen: W is dequantized to x's dtype a chunk of
+    rows at a time and multiplied by the dense GEMM, in the forward pass and again in the backward pass (grad_x =
+    grad_y @ W), so no float copy of W outlives the call and the gradient flows to x only.
+
+    Why dense: dequantizing costs O(N K) against the product's O(M N K); at a training batch's hundreds of rows the
+    GEMM decides, and the dense bf16/fp32 GEMM is 2-4x faster than the weight-only kernels, which are built for
+    decoding's few rows (docs/finetune.md has the measurements)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
+        ctx.layer = layer
+        with torch.autocast(x.device.type, enabled=False):
+            parts = [F.linear(x, layer.dequantize(x.dtype, a, b)) for a, b in _row_chunks(layer)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return _grad_input(ctx.layer, grad), None
+
+
+def _grad_input(layer: QuantLinear, grad: Tensor) -> Tensor:
+    """grad_y @ W in grad's dtype, W dequantized a chunk of rows at a time."""
+    grad_x = None
+    with torch.autocast(grad.device.type, enabled=False):
+        for a, b in _row_chunks(layer):
+            w = layer.dequantize(grad.dtype, a, b)
+            grad_x = grad[:, a:b] @ w if grad_x is None else grad_x.addmm_(grad[:, a:b], w)
+    return grad_x
 
 
 class _QuantMatmul(torch.autograd.Function):
-    """y = x @ W.T with W quantized and frozen: the gradient flows to x only."""
+    """y = x @ W.T through the layer's kernel, with W quantized and frozen: the gradient flows to x only."""
 
     @staticmethod
     def forward(ctx, x: Tensor, layer: QuantLinear, out_dtype: torch.dtype) -> Tensor:
@@ -40,16 +89,7 @@ class _QuantMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        layer: QuantLinear = ctx.layer
-        grad = grad.to(ctx.x_dtype)
-        n, k = layer.out_features, layer.in_features
-        step = max(16, _BACKWARD_CHUNK // k)
-        grad_x = None
-        for start in range(0, n, step):
-            index = torch.arange(start, min(n, start + step), device=grad.device)
-            part = grad[:, start:start + step] @ layer.rows(index).dequantize(grad.dtype)
-            grad_x = part if grad_x is None else grad_x + part
-        return grad_x, None, None
+        return _grad_input(ctx.layer, grad.to(ctx.x_dtype)), None, None
 
 
 class QuantLinear(nn.Module):
@@ -100,8 +140,11 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        out_dtype = self.out_dtype or x.dtype
-        if torch.is_grad_enabled() and x.requires_grad:
+        compute = _compute_dtype(x)
+        out_dtype = self.out_dtype or compute
+        if torch.is_grad_enabled() and x2.shape[0] >= DENSE_MIN_ROWS:  # training: dequantize + dense GEMM
+            y = _DenseQuantMatmul.apply(x2.to(compute), self).to(out_dtype)
+        elif torch.is_grad_enabled() and x.requires_grad:
             y = _QuantMatmul.apply(x2, self, out_dtype)
         else:
             y = self.kernel.matmul(x2, self.kernel_buffers(), self.spec)
@@ -115,9 +158,17 @@ class QuantLinear(nn.Module):
         """The groups of output rows `index` (1-D), as this layer computes with them."""
         return self.kernel.rows(self.kernel_buffers(), self.spec, index)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight (out_features, in_features) the layer multiplies by, in `dtype`."""
-        return self.rows(torch.arange(self.out_features, device=self.device)).dequantize(dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, end: int | None = None) -> Tensor:
+        """The weight (out_features, in_features) the layer multiplies by, in `dtype` (computed in fp32, rounded
+        once); `start`, `end`: only those output rows."""
+        end = self.out_features if end is None else end
+        chunks = _row_chunks(self, start, end)
+        if len(chunks) == 1:
+            return self.kernel.dequantize(self.kernel_buffers(), self.spec, dtype, start, end)
+        out = torch.empty(end - start, self.in_features, dtype=dtype, device=self.device)
+        for a, b in chunks:  # a chunk at a time: the fp32 temporaries stay small (a head is 28M weights)
+            out[a - start:b - start] = self.kernel.dequantize(self.kernel_buffers(), self.spec, dtype, a, b)
+        return out
 
     def extra_repr(self) -> str:
         s = self.spec
@@ -134,6 +185,11 @@ class FusedQuantLinear(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.in_features = parts[0].in_features
         self.out_features = sum(p.out_features for p in parts)
+
+    @property
+    def device(self) -> torch.device:
+        first = self.parts[0]
+        return first.device if isinstance(first, QuantLinear) else first.weight.device
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([p(x) for p in self.parts], dim=-1)

@@ -6,7 +6,8 @@ A run, in order:
 2. under torchrun the model is wrapped for data parallelism: DDP, or FSDP2 `fully_shard` per block;
 3. AdamW over the method's trainable parameters (no weight decay on 1-D parameters: norms and biases), the LR
    by linear warmup then cosine decay to min_lr_ratio * lr;
-4. each step: grad_accum micro-batches per process under autocast (bf16 on CUDA), gradient clipping, update;
+4. each step: grad_accum micro-batches per process under autocast (precision auto: bf16 on CUDA and on CPUs that
+   compute bf16 natively, else fp32), gradient clipping, update;
 5. validation loss at the start, every eval_every steps and at the end; a checkpoint every save_every steps
    into RUN_DIR/checkpoints/step-NNNNNN (written atomically, the last keep_last kept: an older one is renamed out
    of the way before it is deleted, so a kill never leaves a half-deleted step-N that looks complete);
@@ -122,16 +123,25 @@ class Env:
             dist.destroy_process_group()
 
 
+def training_device(name: str) -> torch.device:
+    """The device this process trains on for the `device` option: auto (CUDA if present), cuda (this process's GPU
+    under torchrun: LOCAL_RANK), cpu or cuda:N."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise LLMLabError(f"training option 'device': '{name}' is not a device (auto, cpu, cuda or cuda:N)") from e
+
+
 def setup_env(cfg: TrainConfig) -> Env:
     """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), pick the device, join the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if cfg.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    elif cfg.device == "cuda":
-        device = torch.device(f"cuda:{local_rank}")
-    else:
-        device = torch.device(cfg.device)
+    rank = int(os.environ.get("RANK", "0"))
+    device = training_device(cfg.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise LLMLabError(f"training option 'device' is {cfg.device!r} but CUDA is not available")
@@ -186,9 +196,10 @@ def _grad_sync(wrapped: nn.Module, raw: nn.Module, env: Env) -> Callable[[bool],
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision option (None = no autocast: plain fp32, or bf16-true); auto autocasts to
-    the device's `default_dtype` unless that is float32."""
-    amp = {"bf16": torch.bfloat16, "auto": default_dtype(device)}.get(precision)
+    """The autocast dtype of a precision option (None = no autocast: plain fp32, or bf16-true). auto autocasts to
+    bf16 where the device computes it natively (CUDA; a CPU with AVX-512 BF16 or AMX, `llmlab.hardware.native_bf16`)
+    and trains in plain fp32 elsewhere, where bf16 is converted in software and slower than fp32."""
+    amp = {"bf16": torch.bfloat16, "auto": default_dtype(device, bf16_if_native=True)}.get(precision)
     return None if amp == torch.float32 else amp
 
 
@@ -197,18 +208,28 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
 
     bf16-true casts every floating parameter to bf16 (no fp32 master weights: least memory, fastest, AdamW
     updates rounded to bf16). Under autocast, a method that saves only what it trains (`Method.saves_frozen`
-    False: LoRA, adapters, QLoRA) gets its frozen parameters stored in the autocast dtype: autocast would cast
-    them to it for every matmul anyway, so the fp32 copy of the frozen base is pure memory.
+    False: LoRA, adapters, QLoRA) gets its frozen parameters (and floating buffers, such as a quantized
+    embedding's output dtype) stored in the autocast dtype: autocast would cast them to it for every matmul
+    anyway, so the fp32 copy of the frozen base is pure memory, and its casts pure time; the residual stream then
+    runs in that dtype too, as the frozen embedding gives it.
     """
     if precision == "bf16-true":
         model.to(torch.bfloat16)
         return None
     amp = autocast_dtype(precision, device)
     if amp is not None and not method.saves_frozen:
+        from llmlab.quantized import QuantLinear
+
         with torch.no_grad():
             for p in model.parameters():
                 if not p.requires_grad and p.is_floating_point() and p.dtype != amp:
                     p.data = p.data.to(amp)
+            for module in model.modules():  # dtype-carrying buffers (a quantized embedding's output dtype)
+                if isinstance(module, QuantLinear):
+                    continue  # its kernel's buffers keep the dtypes it packed
+                for name, b in module.named_buffers(recurse=False):
+                    if b is not None and b.is_floating_point() and b.dtype != amp:
+                        setattr(module, name, b.to(amp))
     return amp
 
 
@@ -229,13 +250,15 @@ def compile_blocks(model: nn.Module) -> int:
 
 
 def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only; fused kernels on CUDA (except for FSDP's sharded tensors)."""
+    """AdamW with weight decay on matrices only; fused kernels on CUDA and CPU (except for FSDP's sharded tensors)."""
     if not named:
         raise LLMLabError("the training method left no trainable parameters")
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
     groups = [{"params": ps, "weight_decay": wd} for ps, wd in ((decay, cfg.weight_decay), (no_decay, 0.0)) if ps]
-    fused = env.device.type == "cuda" and env.strategy != "fsdp"
+    # fused: one kernel for every parameter (CUDA and CPU), instead of a dozen ops per parameter per step, which
+    # dominate when LoRA trains a few hundred small tensors; FSDP's sharded tensors take the default implementation
+    fused = env.device.type in ("cuda", "cpu") and env.strategy != "fsdp"
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 

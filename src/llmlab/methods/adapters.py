@@ -59,14 +59,23 @@ def adapter_params(model: nn.Module, module_class: type[nn.Module] = nn.Module) 
     return out
 
 
-def wrap_linear(parent: nn.Module, attr: str, wrapper: Callable[[nn.Linear], nn.Module]) -> None:
-    """Replace the plain nn.Linear `parent.<attr>` by `wrapper(it)`, in place. A module that is already something
+def wrap_linear(parent: nn.Module, attr: str, wrapper: Callable[[nn.Module], nn.Module]) -> None:
+    """Replace the linear layer `parent.<attr>` by `wrapper(it)`, in place: a plain nn.Linear, or a quantized one
+    (`QuantLinear`, `FusedQuantLinear`: a base kept in its GGUF blocks, frozen). A module that is already something
     else (another adapter's, or the same kind twice) is refused: wrapping it would silently drop what it adds."""
+    from llmlab.quantized import FusedQuantLinear, QuantLinear
+
     base = getattr(parent, attr)
-    if type(base) is not nn.Linear:
-        raise LLMLabError(f"{attr} is a {type(base).__name__}, not a plain nn.Linear: adapters wrap plain linear "
-                          "layers only (merge or remove an adapter already on it before adding another)")
+    if type(base) not in (nn.Linear, QuantLinear, FusedQuantLinear):
+        raise LLMLabError(f"{attr} is a {type(base).__name__}, not a plain nn.Linear or a quantized one: adapters "
+                          "wrap linear layers only (merge or remove an adapter already on it before adding another)")
     setattr(parent, attr, wrapper(base))
+
+
+def is_float_linear(base: nn.Module) -> bool:
+    """Whether an adapter's base layer holds a float `weight` parameter (nn.Linear) rather than quantized blocks,
+    which an adapter module calls as a whole and never merges into."""
+    return isinstance(base, nn.Linear)
 
 
 def set_trainable(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> None:
@@ -77,13 +86,24 @@ def set_trainable(model: nn.Module, params: list[tuple[str, nn.Parameter]]) -> N
 
 
 # -- the base probe ----------------------------------------------------------------------------------
-def base_probe(state_dict: dict[str, Tensor]) -> str:
+def base_probe(model: nn.Module, state_dict: dict[str, Tensor] | None = None) -> str:
     """16 values spread over the base model's embedding matrix, as JSON: recognises the base an adapter was
-    trained on (same architecture, other weights) at any load dtype. Embeddings are never adapted or quantized."""
-    w = state_dict["model.embed_tokens.weight"].detach()
-    rows = torch.linspace(0, w.shape[0] - 1, 4).long()
-    cols = torch.linspace(0, w.shape[1] - 1, 4).long()
-    return json.dumps([round(float(v), 6) for v in w[rows][:, cols].float().flatten()])
+    trained on (same architecture, other weights) at any load dtype. Embeddings are never adapted. Read from
+    `state_dict` when it holds them (under FSDP the only whole copy), else from the model, where a quantized
+    embedding (`QuantEmbedding`) gives its dequantized rows: the float import's values, up to rounding."""
+    emb = model.model.embed_tokens
+    w = (state_dict or {}).get("model.embed_tokens.weight")
+    if w is None and isinstance(getattr(emb, "weight", None), Tensor):
+        w = emb.weight
+    vocab, width = (w.shape[0], w.shape[1]) if w is not None else (emb.num_embeddings, emb.embedding_dim)
+    rows = torch.linspace(0, vocab - 1, 4).long()
+    cols = torch.linspace(0, width - 1, 4).long()
+    if w is not None:
+        picked = w.detach()[rows.to(w.device)]
+    else:
+        with torch.no_grad():
+            picked = emb(rows.to(model.device))
+    return json.dumps([round(float(v), 6) for v in picked[:, cols.to(picked.device)].float().flatten()])
 
 
 # -- folders -----------------------------------------------------------------------------------------
@@ -108,7 +128,7 @@ def check_base(model: nn.Module, files: AdapterFiles) -> None:
     probe = files.metadata.get(PROBE_KEY)
     if probe is None:
         return  # adapters from PEFT carry no probe: the shape checks are all there is
-    ours = torch.tensor(json.loads(base_probe({"model.embed_tokens.weight": model.model.embed_tokens.weight})))
+    ours = torch.tensor(json.loads(base_probe(model)))
     theirs = torch.tensor(json.loads(probe))
     if ours.shape != theirs.shape or not torch.allclose(ours, theirs, rtol=1e-2, atol=1e-6):
         raise LLMLabError(f"{files.folder}: the adapter was made for another base model ({files.base_model!r}): its "
@@ -263,7 +283,7 @@ class AddedModulesMethod(Method):
         names = {n for n, _ in self.params(model)}
         source = state_dict if state_dict is not None else model.state_dict()
         tensors = {k: v for k, v in source.items() if k in names}
-        return self.write(folder, tensors, tokenizer, extra_files, base_probe(source))
+        return self.write(folder, tensors, tokenizer, extra_files, base_probe(model, source))
 
     def load_state(self, model: nn.Module, folder: Path) -> dict[str, Tensor]:
         return self.from_folder(folder)[1].tensors

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -24,6 +25,7 @@ from llmlab.methods.adapters import (
     AdapterFiles,
     AddedModulesMethod,
     base_model_reference,
+    is_float_linear,
     read_adapter_files,
     wrap_linear,
     write_adapter_files,
@@ -34,13 +36,18 @@ _WRAPPED = (("self_attn", "o_proj"), ("mlp", "down_proj"))
 
 
 class AdaptedLinear(nn.Module):
-    """nn.Linear followed by a residual bottleneck: y = W x + b; y + up(act(down(y)))."""
+    """A linear layer followed by a residual bottleneck: y = W x + b; y + up(act(down(y))). The base is an nn.Linear
+    (its `weight` and `bias` kept under the same names) or a quantized layer (GGUF blocks), kept whole as `base`."""
 
-    def __init__(self, base: nn.Linear, dim: int, activation: str = "gelu") -> None:
+    def __init__(self, base: nn.Module, dim: int, activation: str = "gelu") -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight, self.bias = base.weight, base.bias
-        dev, dt = base.weight.device, base.weight.dtype
+        if is_float_linear(base):
+            self.weight, self.bias = base.weight, base.bias
+            dev, dt = base.weight.device, base.weight.dtype
+        else:
+            self.base = base
+            dev, dt = base.device, torch.float32  # trainable parameters in fp32 (autocast casts them per matmul)
         self.adapter_down = nn.Linear(self.out_features, dim, device=dev, dtype=dt)
         self.adapter_up = nn.Linear(dim, self.out_features, device=dev, dtype=dt)
         nn.init.zeros_(self.adapter_up.weight)
@@ -52,8 +59,9 @@ class AdaptedLinear(nn.Module):
         return ["adapter_down.weight", "adapter_down.bias", "adapter_up.weight", "adapter_up.bias"]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        return y + self.adapter_up(_ACTIVATIONS[self.activation](self.adapter_down(y)))
+        y = self.base(x) if "base" in self._modules else F.linear(x, self.weight, self.bias)
+        h = self.adapter_down(y if torch.is_autocast_enabled(y.device.type) else y.to(self.adapter_down.weight.dtype))
+        return y + self.adapter_up(_ACTIVATIONS[self.activation](h)).to(y.dtype)
 
 
 def apply_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:

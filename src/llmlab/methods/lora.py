@@ -35,6 +35,7 @@ from llmlab.methods.adapters import (
     AdapterFiles,
     AddedModulesMethod,
     base_model_reference,
+    is_float_linear,
     read_adapter_files,
     wrap_linear,
     write_adapter_files,
@@ -54,17 +55,24 @@ def lora_scale(alpha: float, r: int, rslora: bool = False) -> float:
 
 
 class LoRALinear(nn.Module):
-    """nn.Linear plus low-rank updates on slices of its output; `slices` maps a target name to (start, end) rows."""
+    """A linear layer plus low-rank updates on slices of its output; `slices` maps a target name to (start, end)
+    rows. The base is an nn.Linear, whose `weight` and `bias` the module takes over under the same names, or a
+    quantized layer (`QuantLinear`, `FusedQuantLinear`: GGUF blocks), kept whole as `base` and called as is; the
+    update then stays unmerged (`merge_and_unload` still folds it into the dequantized weights)."""
 
-    def __init__(self, base: nn.Linear, slices: dict[str, tuple[int, int]], ranks: dict[str, int],
+    def __init__(self, base: nn.Module, slices: dict[str, tuple[int, int]], ranks: dict[str, int],
                  alpha: float, dropout: float = 0.0, rslora: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight  # the base parameter, same name: base checkpoints load unchanged
-        self.bias = base.bias
+        if is_float_linear(base):
+            self.weight = base.weight  # the base parameter, same name: base checkpoints load unchanged
+            self.bias = base.bias
+            dev, dt = base.weight.device, base.weight.dtype
+        else:
+            self.base = base
+            dev, dt = base.device, torch.float32  # trainable parameters in fp32 (autocast casts them per matmul)
         self.slices = dict(slices)
         self.scale = {n: lora_scale(alpha, r, rslora) for n, r in ranks.items()}
-        dev, dt = base.weight.device, base.weight.dtype
         self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(r, self.in_features, device=dev, dtype=dt))
                                         for n, r in ranks.items()})
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(slices[n][1] - slices[n][0], r, device=dev,
@@ -84,9 +92,14 @@ class LoRALinear(nn.Module):
         """scale * B A of one target: the update of its rows of the weight, in fp32."""
         return self.scale[name] * (self.lora_B[name].float() @ self.lora_A[name].float())
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is a quantized layer (called whole, never merged into)."""
+        return "base" in self._modules
+
     def base_forward(self, x: Tensor) -> Tensor:
         """W0 x + b (QLoRA overrides it with the 4-bit matmul)."""
-        return F.linear(x, self.weight, self.bias)
+        return self.base(x) if self.quantized else F.linear(x, self.weight, self.bias)
 
     def joined_B(self) -> Tensor:
         """All targets' scale * B as one (out_features, sum of ranks) matrix: block-diagonal, with zero rows where
@@ -125,6 +138,9 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, sign: float = 1.0) -> None:
         """Fold the updates into the weight (sign -1: take them out again)."""
+        if self.quantized:
+            raise LLMLabError("LoRA on a quantized base stays unmerged (its blocks cannot take the update); merge "
+                              "the adapter into the float checkpoint with `llmlab merge`")
         for name, (lo, hi) in self.slices.items():
             w = self.weight[lo:hi]
             w.copy_((w.float() + sign * self.delta(name)).to(w.dtype))
@@ -198,13 +214,25 @@ def unmerge_lora(model: nn.Module) -> nn.Module:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Merge every LoRALinear and put plain nn.Linear modules (same weights) back: a normal model to save."""
+    """Merge every LoRALinear and put plain nn.Linear modules (same weights) back: a normal model to save. A quantized
+    base becomes an fp32 nn.Linear holding its dequantized weights plus the update."""
     for name, m in lora_modules(model):
-        if not m.merged:
-            m.merge(1.0)
+        if m.quantized:
+            with torch.no_grad():
+                weight = m.base.dequantize(torch.float32)
+                for target, (lo, hi) in m.slices.items():
+                    weight[lo:hi] += m.delta(target)
+            bias = getattr(m.base, "bias", None)
+            linear = nn.Linear(m.in_features, m.out_features, bias=bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if bias is not None:
+                linear.bias = nn.Parameter(bias.detach().float(), requires_grad=False)
+        else:
+            if not m.merged:
+                m.merge(1.0)
+            linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+            linear.weight, linear.bias = m.weight, m.bias
         parent_name, _, attr = name.rpartition(".")
-        linear = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
-        linear.weight, linear.bias = m.weight, m.bias
         setattr(model.get_submodule(parent_name), attr, linear)
     model.__dict__.pop("lora_config", None)
     return model
