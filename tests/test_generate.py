@@ -341,9 +341,12 @@ def ckpt(tmp_path, tokenizer) -> Path:
 
 
 def cli_model(ckpt: Path):
-    from llmlab.checkpoint import load_checkpoint
+    """The model and tokenizer the commands run: loaded with the same defaults (dtype auto: bf16 on a CPU that
+    computes it natively), so their output can be compared token for token."""
+    from llmlab.loading import load_for_inference
 
-    return load_checkpoint(ckpt), Tokenizer.from_folder(ckpt)
+    model, tok, _ = load_for_inference(ckpt)
+    return model, tok
 
 
 def test_cli_generate_streams_text(ckpt, capsys):

@@ -358,10 +358,7 @@ def choose_kernel(spec: QuantSpec, device: torch.device, requested: str = "auto"
         return KERNELS[requested]
     if len(usable) == 1:
         return KERNELS[usable[0]]
-    from llmlab.hardware import machine_key
-
-    key = (f"{machine_key()}|{device}|threads={torch.get_num_threads()}|{spec.out_features}x{spec.in_features}"
-           f"|g{spec.group}|b{spec.bits}|q{spec.qmin}|z{int(spec.has_zero)}")
+    key = _verdict_key(spec, device)
     verdicts = _read_verdicts()
     if verdicts.get(key, {}).get("kernel") in usable:
         return KERNELS[verdicts[key]["kernel"]]
@@ -371,6 +368,66 @@ def choose_kernel(spec: QuantSpec, device: torch.device, requested: str = "auto"
              spec.bits, spec.group, device, best, ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()))
     _write_verdict(key, {"kernel": best, "ms": {k: round(v, 4) for k, v in times.items()}})
     return KERNELS[best]
+
+
+def _verdict_key(spec: QuantSpec, device: torch.device) -> str:
+    """What a measured verdict is valid for: this CPU and torch build, the device, the thread count, the format."""
+    from llmlab.hardware import machine_key
+
+    return (f"{machine_key()}|{device}|threads={torch.get_num_threads()}|{spec.out_features}x{spec.in_features}"
+            f"|g{spec.group}|b{spec.bits}|q{spec.qmin}|z{int(spec.has_zero)}")
+
+
+# -- batches: from how many rows a dense copy multiplies faster ----------------------------------------------
+DENSE_PROBE_ROWS = (2, 4, 8, 16, 32, 64)  # batch sizes at which the dense copy is timed against the kernel
+
+
+def dense_from_rows(spec: QuantSpec, device: torch.device, kernel: Kernel, dtype: torch.dtype) -> int | None:
+    """The fewest rows from which a dense copy of the weight in `dtype` (the dense GEMM: oneDNN on the CPU)
+    multiplies faster than `kernel`, at that batch size and every larger one probed (`DENSE_PROBE_ROWS`); None when
+    the kernel stays as fast. Measured once per shape, kernel and dtype and cached beside the kernel choice.
+
+    Why: the weight-only kernels are built for decoding's one row, and their cost grows with the rows (torch's CPU
+    int4 kernel and the per-group int8 one about linearly from 4 rows on), while the dense GEMM's barely does; a
+    serving batch of 16 rows, a prefill or a scoring batch is where a dense copy pays for its memory."""
+    key = f"{_verdict_key(spec, device)}|{kernel.name}|dense-{str(dtype).removeprefix('torch.')}"
+    verdicts = _read_verdicts()
+    times = verdicts.get(key, {}).get("ms")
+    if not isinstance(times, dict) or any(str(m) not in times for m in DENSE_PROBE_ROWS):
+        times = _time_dense(spec, device, kernel, dtype)
+        _write_verdict(key, {"ms": times})
+    wins = [times[str(m)]["dense"] < times[str(m)]["kernel"] for m in DENSE_PROBE_ROWS]
+    first = len(wins)  # the start of the run of probes where the dense copy wins, up to the largest
+    while first and wins[first - 1]:
+        first -= 1
+    return DENSE_PROBE_ROWS[first] if first < len(wins) else None
+
+
+def _time_dense(spec: QuantSpec, device: torch.device, kernel: Kernel, dtype: torch.dtype,
+                rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Best-of-`rounds` ms of the kernel's and a dense copy's product at each of DENSE_PROBE_ROWS rows."""
+    g = _random_groups(spec, device)
+    packed, dense = kernel.pack(g), g.dequantize(dtype)
+    del g
+    out = {}
+    with torch.inference_mode():
+        for m in DENSE_PROBE_ROWS:
+            x = torch.randn(m, spec.in_features).to(device, dtype)
+            calls = {"kernel": lambda: kernel.matmul(x, packed, spec), "dense": lambda: F.linear(x, dense)}
+            best = dict.fromkeys(calls, float("inf"))
+            for f in calls.values():  # warm-up
+                f()
+            for _ in range(rounds):  # interleaved, so a busy moment of a shared machine hits both alike
+                for name, f in calls.items():
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    f()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+            out[str(m)] = {k: round(v, 4) for k, v in best.items()}
+    return out
 
 
 def time_kernels(spec: QuantSpec, device: torch.device, names: list[str], rounds: int = 5) -> dict[str, float]:

@@ -9,7 +9,11 @@ eighth of an fp32 one. `QuantLinear` holds a weight as `Groups` (integer codes +
 - `rows(index)`: a few rows' groups, which is how `QuantEmbedding` looks tokens up: a tied head and embedding
   share one quantized tensor;
 - backward w.r.t. the input (grad_x = grad_y @ W, chunked over output rows so W is never whole in float) is
-  implemented, so LoRA on a quantized base can train through it; the quantized weights themselves are frozen.
+  implemented, so LoRA on a quantized base can train through it; the quantized weights themselves are frozen;
+- batches (`keep_dense_copies`): the kernels are built for decoding's one row and their cost grows with the rows,
+  so where a serving batch, a prefill or a scoring batch is multiplied faster by the dense GEMM (measured per shape,
+  `quant_kernels.dense_from_rows`) a layer may also keep a dense copy in the activations' dtype and use it from
+  that many rows on; decoding one sequence keeps the kernel and the memory saving.
 A fused projection (`qkv_proj`, `gate_up_proj`) whose parts share a format is one `QuantLinear` over the
 concatenated rows (a group never spans two rows, so each part keeps its own blocks); parts of different formats
 (Q4_K_M files mix Q4_K and Q6_K) become a `FusedQuantLinear` of one layer per part.
@@ -21,10 +25,11 @@ saved in a kernel's layout, which depends on the CPU: their buffers are not part
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.errors import LLMLabError
-from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel
+from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel, dense_from_rows
 
 _BACKWARD_CHUNK = 1 << 22  # weights dequantized at a time by the backward pass
 
@@ -79,6 +84,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(dev), requires_grad=False)
         self.out_dtype = out_dtype
+        self.register_buffer("dense", None, persistent=False)  # see keep_dense
+        self.dense_from = 0
 
     def kernel_buffers(self) -> dict[str, Tensor]:
         """The kernel's buffers by name."""
@@ -101,7 +108,9 @@ class QuantLinear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         out_dtype = self.out_dtype or x.dtype
-        if torch.is_grad_enabled() and x.requires_grad:
+        if self.dense is not None and x2.shape[0] >= self.dense_from and not x.requires_grad:  # a batch
+            y = F.linear(x2.to(self.dense.dtype), self.dense)
+        elif torch.is_grad_enabled() and x.requires_grad:
             y = _QuantMatmul.apply(x2, self, out_dtype)
         else:
             y = self.kernel.matmul(x2, self.kernel_buffers(), self.spec)
@@ -110,6 +119,13 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def keep_dense(self, from_rows: int, dtype: torch.dtype) -> None:
+        """Multiply inputs of `from_rows` rows or more by a dense copy of the weight in `dtype` from now on (kept
+        beside the quantized one: 2 bytes a weight in bf16); fewer rows still take the kernel. A head's logits are
+        then rounded to `dtype` for those batches, as a float model's are."""
+        self.dense = self.dequantize(dtype)
+        self.dense_from = from_rows
 
     def rows(self, index: Tensor) -> Groups:
         """The groups of output rows `index` (1-D), as this layer computes with them."""
@@ -161,6 +177,9 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("dtype_ref", torch.empty(0, dtype=dtype, device=source.device), persistent=False)
 
     def forward(self, idx: Tensor) -> Tensor:
+        dense = self.source.dense
+        if dense is not None and dense.dtype == self.dtype_ref.dtype:  # the same rows, already dequantized
+            return F.embedding(idx, dense)
         flat = idx.reshape(-1)
         return self.source.rows(flat).dequantize(self.dtype_ref.dtype).view(*idx.shape, self.embedding_dim)
 
@@ -227,6 +246,23 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "
                                               device=device)
         decoder.embed_tokens = QuantEmbedding(table, dtype)
     return model
+
+
+def keep_dense_copies(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Give every quantized projection of `model` whose kernel a dense copy beats on batches (measured per shape,
+    `quant_kernels.dense_from_rows`) a dense copy in `dtype` (default: the model's activations'), used from that many
+    rows on (`QuantLinear.keep_dense`); returns the bytes added. For serving and evaluation, whose batches are many
+    rows; decoding one sequence (generate, chat) does without, keeping the memory saving."""
+    dtype = dtype or model.model.norm.weight.dtype
+    tables = {id(m.source) for m in model.modules() if isinstance(m, QuantEmbedding)} - {id(model.lm_head)}
+    added = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and m.dense is None and id(m) not in tables:  # a table is only read by rows
+            rows = dense_from_rows(m.spec, m.device, m.kernel, dtype)
+            if rows is not None:
+                m.keep_dense(rows, dtype)
+                added += m.dense.numel() * m.dense.element_size()
+    return added
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -57,6 +57,7 @@ from llmlab.errors import LLMLabError
 from llmlab.eval.scoring import TokenScores, token_logprobs
 from llmlab.generate import LogitsProcessor, SamplingParams, TextStream, sample
 from llmlab.model import LLaMA
+from llmlab.quantized import keep_dense_copies
 from llmlab.tokenizer import Tokenizer
 
 log = logging.getLogger("llmlab.serve")
@@ -163,6 +164,9 @@ class Engine:
         self.device = model.device
         with torch.inference_mode():
             self.cache = model.setup_cache(max_batch, max_seq_len)
+            added = keep_dense_copies(model)  # a quantized model's batches: the dense GEMM where it is faster
+        if added:
+            log.info("dense copies of the quantized weights for batches: %.0f MB", added / 2**20)
         self.lock = threading.Lock()  # held for each scheduling round; holding it pauses the engine between steps
         self._cv = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
