@@ -328,7 +328,7 @@ def test_load_for_inference_quantizes_a_folder(tmp_path):
     model, _, _ = load_for_inference(folder, device="cpu", dtype="bfloat16", quantize="int4")
     assert model.dtype == torch.bfloat16
     assert any(isinstance(m, QuantLinear) for m in model.modules())
-    with pytest.raises(LLMLabError, match="--quantize: expected one of int8, int4"):
+    with pytest.raises(LLMLabError, match="--quantize: expected one of auto, none, int8, int4"):
         load_for_inference(folder, quantize="nf4")
 
 

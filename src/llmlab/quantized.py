@@ -109,7 +109,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         out_dtype = self.out_dtype or x.dtype
         if self.dense is not None and x2.shape[0] >= self.dense_from and not x.requires_grad:  # a batch
-            y = F.linear(x2.to(self.dense.dtype), self.dense)
+            y = F.linear(x2.to(self.dense.dtype), self.dense).to(out_dtype)
         elif torch.is_grad_enabled() and x.requires_grad:
             y = _QuantMatmul.apply(x2, self, out_dtype)
         else:

@@ -10,10 +10,11 @@ distinct adapter in the batch, not per row, and no weight is copied per step.
 
 Adapters are read with `llmlab.methods.lora.read_adapter` and checked against the base model with
 `llmlab.methods.adapters.check_base`, so what `llmlab finetune --method lora` or PEFT writes serves as is. The base
-weights are never changed, and may be quantized (a GGUF's blocks, `llmlab.quantized`): the updates are computed in the
-activations' dtype beside the base's own product, never merged into it. Loading is two steps, `stage` (read and check the files, build the matrices: slow, changes
-nothing) and `install` (put them in place: quick), so a server loads an adapter while it runs and pauses only for the
-second; `remove` takes one out (and puts a projection no adapter targets any more back as the plain nn.Linear).
+weights are never changed, and may be quantized (a GGUF's blocks, `llmlab.quantized`): the updates are computed in
+the activations' dtype beside the base's own product, never merged into it. Loading is two steps, `stage` (read and
+check the files, build the matrices: slow, changes nothing) and `install` (put them in place: quick), so a server
+loads an adapter while it runs and pauses only for the second; `remove` takes one out (and puts a projection no
+adapter targets any more back as the layer it was).
 """
 
 from __future__ import annotations
