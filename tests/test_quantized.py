@@ -15,6 +15,7 @@ from _gguf_writer import tiny_hf_model, write_llama_gguf
 
 import llmlab.hardware as hardware
 import llmlab.quant_kernels as qk
+import llmlab.quantized as quantized_module
 from llmlab.errors import LLMLabError
 from llmlab.ggml_blocks import BLOCK_SIZES, decode
 from llmlab.gguf_import import import_gguf, load_gguf_quantized
@@ -395,3 +396,49 @@ def test_default_gguf_quantized_keeps_perplexity_and_greedy_text(default_gguf, d
     want = generate(ref, tok, [prompt], 32)[0].token_ids
     got = generate(model, tok, [prompt], 32)[0].token_ids
     assert got == want  # measured: the bicycle prompt of benchmarks/bench_decode.py agrees for 47 of 48 tokens
+
+
+# -- dense copies for batches (serving, evaluation) ----------------------------------------------------------
+def test_dense_from_rows_is_the_start_of_the_winning_run_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMLAB_HOME", str(tmp_path))
+    calls = []
+
+    def timed(spec, device, kernel, dtype, rounds=3):  # dense loses at 2 rows, wins at 4, loses at 8, wins from 16
+        calls.append(dtype)
+        wins = {2: False, 4: True, 8: False, 16: True, 32: True, 64: True}
+        return {str(m): {"kernel": 1.0, "dense": 0.5 if wins[m] else 2.0} for m in qk.DENSE_PROBE_ROWS}
+
+    monkeypatch.setattr(qk, "_time_dense", timed)
+    spec = QuantSpec.of(groups_of("Q8_0"))
+    kernel = qk.KERNELS["int8split"]
+    assert qk.dense_from_rows(spec, torch.device("cpu"), kernel, torch.bfloat16) == 16
+    assert qk.dense_from_rows(spec, torch.device("cpu"), kernel, torch.bfloat16) == 16 and len(calls) == 1
+    monkeypatch.setattr(qk, "_time_dense", lambda *a, **k: {str(m): {"kernel": 1.0, "dense": 2.0}
+                                                            for m in qk.DENSE_PROBE_ROWS})
+    assert qk.dense_from_rows(spec, torch.device("cpu"), kernel, torch.float32) is None  # the kernel stays faster
+
+
+def test_dense_copies_serve_batches_and_keep_the_numbers(monkeypatch):
+    from llmlab.config import ModelConfig
+    from llmlab.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny", vocab_size=320, tie_word_embeddings=True)).eval()
+    quantize_model(model, "int8")
+    model.lm_head.out_dtype = torch.float32  # as a GGUF's head: fp32 logits
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        want = model(ids)
+        monkeypatch.setattr(quantized_module, "dense_from_rows", lambda *args: 4)
+        added = quantized_module.keep_dense_copies(model)
+        got = model(ids)
+    down = model.model.layers[0].mlp.down_proj
+    assert added > 0 and down.dense is not None and down.dense_from == 4 and down.dense.dtype == torch.float32
+    assert model.lm_head.dense.dtype == torch.float32 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())  # bf16-rounded inputs
+    with torch.no_grad():  # fewer rows than dense_from: the kernel
+        monkeypatch.setattr(down.kernel, "matmul", lambda *a: (_ for _ in ()).throw(AssertionError("kernel used")))
+        model.model.layers[0].mlp.down_proj(torch.randn(2, 12, down.in_features))[0]  # 24 rows: dense
+        with pytest.raises(AssertionError, match="kernel used"):
+            down(torch.randn(1, 3, down.in_features))
+    assert quantized_module.keep_dense_copies(build_model(ModelConfig.from_name("tiny", vocab_size=320))) == 0

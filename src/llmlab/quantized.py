@@ -122,8 +122,8 @@ class QuantLinear(nn.Module):
 
     def keep_dense(self, from_rows: int, dtype: torch.dtype) -> None:
         """Multiply inputs of `from_rows` rows or more by a dense copy of the weight in `dtype` from now on (kept
-        beside the quantized one: 2 bytes a weight in bf16); fewer rows still take the kernel. A head's logits are
-        then rounded to `dtype` for those batches, as a float model's are."""
+        beside the quantized one: 2 bytes a weight in bf16); fewer rows still take the kernel. The product is computed
+        in `dtype` and returned in the layer's output dtype."""
         self.dense = self.dequantize(dtype)
         self.dense_from = from_rows
 
@@ -250,17 +250,22 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "
 
 def keep_dense_copies(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Give every quantized projection of `model` whose kernel a dense copy beats on batches (measured per shape,
-    `quant_kernels.dense_from_rows`) a dense copy in `dtype` (default: the model's activations'), used from that many
-    rows on (`QuantLinear.keep_dense`); returns the bytes added. For serving and evaluation, whose batches are many
-    rows; decoding one sequence (generate, chat) does without, keeping the memory saving."""
+    `quant_kernels.dense_from_rows`) a dense copy in `dtype` (default: the model's activations'; a layer with its own
+    output dtype, the fp32 head, in that), used from that many rows on (`QuantLinear.keep_dense`); returns the bytes
+    added. For serving and evaluation, whose batches are many rows; decoding one sequence (generate, chat) does
+    without, keeping the memory saving. A model without quantized layers is left as it is."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.dense is None]
+    if not layers:
+        return 0
     dtype = dtype or model.model.norm.weight.dtype
     tables = {id(m.source) for m in model.modules() if isinstance(m, QuantEmbedding)} - {id(model.lm_head)}
     added = 0
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and m.dense is None and id(m) not in tables:  # a table is only read by rows
-            rows = dense_from_rows(m.spec, m.device, m.kernel, dtype)
+    for m in layers:
+        if id(m) not in tables:  # a table is only read by rows
+            dt = m.out_dtype or dtype  # a head answering fp32 logits keeps them fp32 (no bf16 ties in scoring)
+            rows = dense_from_rows(m.spec, m.device, m.kernel, dt)
             if rows is not None:
-                m.keep_dense(rows, dtype)
+                m.keep_dense(rows, dt)
                 added += m.dense.numel() * m.dense.element_size()
     return added
 
