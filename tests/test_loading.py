@@ -107,4 +107,6 @@ def test_a_gguf_file_refuses_quantize_int8(imported: tuple[Path, Path]) -> None:
     gguf_file, _ = imported
     with pytest.raises(LLMLabError, match=r"--quantize int8: .*tiny.gguf is a GGUF file"):
         load_for_inference(gguf_file, quantize="int8")
+    with pytest.raises(LLMLabError, match=r"--quantize none: .*tiny.gguf is a GGUF file.*llmlab convert"):
+        load_for_inference(gguf_file, quantize="none")
     assert _quantized(load_for_inference(gguf_file, device="cpu")[0])

@@ -296,7 +296,7 @@ def test_generation_from_a_gguf_file(tiny_quant_gguf):
     model, tok, _ = load_for_inference(tiny_quant_gguf, device="cpu", dtype="bfloat16")
     steps = list(generate_tokens(model, [[5, 40, 200], [7]], 6))
     assert len(steps) == 6 and all(len(s) == 2 for s in steps)
-    with pytest.raises(LLMLabError, match="keeps its own quantization"):
+    with pytest.raises(LLMLabError, match="is a GGUF file, which runs on its own quantization"):
         load_for_inference(tiny_quant_gguf, quantize="int4")
 
 

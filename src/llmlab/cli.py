@@ -92,8 +92,8 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
         dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
             natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
         quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
-            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (float weights),
-            int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
         adapter: An adapter folder to apply on top of the checkpoint, unmerged: PEFT LoRA (e.g. RUN_DIR/final of
@@ -149,8 +149,8 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
         dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
             natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
         quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
-            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (float weights),
-            int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
         adapter: An adapter folder (PEFT LoRA or llmlab bottleneck) to apply on top of the checkpoint, unmerged.
@@ -404,8 +404,8 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
         dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
             natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
         quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
-            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (float weights),
-            int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         progress: Show progress bars on stderr.
     """
@@ -452,8 +452,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
             natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
         quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
-            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (float weights),
-            int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         index: An index folder from `llmlab index`: chat answers are grounded in its documents and the response
             lists them in the extra field `sources` (docs/copilot.md). Tool calls (`tools`) work with or without it.

@@ -51,9 +51,9 @@ def weights_source(path: str | Path, quantize: str, device: torch.device) -> tup
         raise LLMLabError(f"--quantize: expected one of {', '.join(QUANTIZE_CHOICES)}, got '{quantize}'")
     path = Path(path)
     if path.is_file():
-        if quantize not in ("auto", "none"):
-            raise LLMLabError(f"--quantize {quantize}: {path} is a GGUF file, which keeps its own quantization; "
-                              "--quantize applies to HF-format checkpoint folders")
+        if quantize != "auto":  # none too: silently running the blocks anyway would not be what was asked
+            raise LLMLabError(f"--quantize {quantize}: {path} is a GGUF file, which runs on its own quantization; "
+                              "--quantize applies to HF-format checkpoint folders (`llmlab convert` makes one)")
         return "gguf", path
     if quantize in QUANTIZE_MODES:
         return quantize, None
@@ -74,8 +74,8 @@ def load_for_inference(path: str | Path, adapters: Sequence[str | Path] = (), *,
         dtype: The dtype of the float weights and activations: auto (bfloat16 on CUDA and on CPUs that compute it
             natively, float32 elsewhere), float32, bfloat16 or float16.
         quantize: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the GGUF's blocks;
-            other folders on their float weights), none (float weights; a GGUF file keeps its blocks), int8 or
-            int4 (quantize a folder's float weights, `quantize_model`).
+            other folders on their float weights), none (a folder's float weights), int8 or int4 (quantize a
+            folder's float weights, `quantize_model`). A GGUF file takes auto only.
         kernel: The quantized matmul kernel (auto: measured on this machine, `llmlab.quant_kernels`).
     Options after `adapters` are keyword-only, so that more of them slot in without touching the callers.
     """
