@@ -399,23 +399,26 @@ def test_default_gguf_quantized_keeps_perplexity_and_greedy_text(default_gguf, d
 
 
 # -- dense copies for batches (serving, evaluation) ----------------------------------------------------------
-def test_dense_from_rows_is_the_start_of_the_winning_run_and_cached(tmp_path, monkeypatch):
+def test_dense_plan_picks_the_faster_dtype_and_the_start_of_its_winning_run(tmp_path, monkeypatch):
     monkeypatch.setenv("LLMLAB_HOME", str(tmp_path))
     calls = []
 
-    def timed(spec, device, kernel, dtype, rounds=3):  # dense loses at 2 rows, wins at 4, loses at 8, wins from 16
-        calls.append(dtype)
-        wins = {2: False, 4: True, 8: False, 16: True, 32: True, 64: True}
-        return {str(m): {"kernel": 1.0, "dense": 0.5 if wins[m] else 2.0} for m in qk.DENSE_PROBE_ROWS}
+    def timed(spec, device, kernel, act_dtype, dtypes, rounds=3):
+        # bf16 loses at 2 rows, wins at 4, loses at 8, wins from 16; fp32 wins from 32 and is the faster at 64
+        calls.append(dtypes)
+        bf16 = {2: 2.0, 4: 0.5, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5}
+        fp32 = {2: 2.0, 4: 2.0, 8: 2.0, 16: 2.0, 32: 0.4, 64: 0.4}
+        return {str(m): {"kernel": 1.0, "bfloat16": bf16[m], "float32": fp32[m]} for m in qk.DENSE_PROBE_ROWS}
 
     monkeypatch.setattr(qk, "_time_dense", timed)
-    spec = QuantSpec.of(groups_of("Q8_0"))
-    kernel = qk.KERNELS["int8split"]
-    assert qk.dense_from_rows(spec, torch.device("cpu"), kernel, torch.bfloat16) == 16
-    assert qk.dense_from_rows(spec, torch.device("cpu"), kernel, torch.bfloat16) == 16 and len(calls) == 1
-    monkeypatch.setattr(qk, "_time_dense", lambda *a, **k: {str(m): {"kernel": 1.0, "dense": 2.0}
+    spec, kernel, cpu = QuantSpec.of(groups_of("Q8_0")), qk.KERNELS["int8split"], torch.device("cpu")
+    assert qk.dense_plan(spec, cpu, kernel, torch.bfloat16, (torch.bfloat16,)) == (16, torch.bfloat16)
+    assert qk.dense_plan(spec, cpu, kernel, torch.bfloat16, (torch.bfloat16,)) == (16, torch.bfloat16)
+    assert len(calls) == 1  # measured once, then read from the cache
+    assert qk.dense_plan(spec, cpu, kernel, torch.bfloat16, (torch.bfloat16, torch.float32)) == (32, torch.float32)
+    monkeypatch.setattr(qk, "_time_dense", lambda *a, **k: {str(m): {"kernel": 1.0, "float32": 2.0}
                                                             for m in qk.DENSE_PROBE_ROWS})
-    assert qk.dense_from_rows(spec, torch.device("cpu"), kernel, torch.float32) is None  # the kernel stays faster
+    assert qk.dense_plan(spec, cpu, kernel, torch.float32, (torch.float32,)) is None  # the kernel stays faster
 
 
 def test_dense_copies_serve_batches_and_keep_the_numbers(monkeypatch):
@@ -429,7 +432,7 @@ def test_dense_copies_serve_batches_and_keep_the_numbers(monkeypatch):
     ids = torch.randint(0, 320, (2, 12))
     with torch.no_grad():
         want = model(ids)
-        monkeypatch.setattr(quantized_module, "dense_from_rows", lambda *args: 4)
+        monkeypatch.setattr(quantized_module, "dense_plan", lambda spec, dev, kernel, act, dtypes: (4, dtypes[-1]))
         added = quantized_module.keep_dense_copies(model)
         got = model(ids)
     down = model.model.layers[0].mlp.down_proj

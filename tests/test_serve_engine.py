@@ -401,7 +401,7 @@ def quantized(tmp_path_factory):
 def quantized_engine(quantized):
     folder, adapters = quantized
     with pytest.MonkeyPatch.context() as mp:  # batches of 2 rows or more take the dense copies, whatever was measured
-        mp.setattr(quantized_module, "dense_from_rows", lambda *args: 2)
+        mp.setattr(quantized_module, "dense_plan", lambda spec, dev, kernel, act, dtypes: (2, dtypes[0]))
         eng, _ = load_engine(folder, adapters, max_batch=6, max_seq_len=128, queue_size=8, dtype="float32")
     yield eng
     eng.close()

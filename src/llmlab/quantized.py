@@ -12,7 +12,7 @@ eighth of an fp32 one. `QuantLinear` holds a weight as `Groups` (integer codes +
   implemented, so LoRA on a quantized base can train through it; the quantized weights themselves are frozen;
 - batches (`keep_dense_copies`): the kernels are built for decoding's one row and their cost grows with the rows,
   so where a serving batch, a prefill or a scoring batch is multiplied faster by the dense GEMM (measured per shape,
-  `quant_kernels.dense_from_rows`) a layer may also keep a dense copy in the activations' dtype and use it from
+  `quant_kernels.dense_plan`) a layer may also keep a dense copy in the activations' dtype and use it from
   that many rows on; decoding one sequence keeps the kernel and the memory saving.
 A fused projection (`qkv_proj`, `gate_up_proj`) whose parts share a format is one `QuantLinear` over the
 concatenated rows (a group never spans two rows, so each part keeps its own blocks); parts of different formats
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.errors import LLMLabError
-from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel, dense_from_rows
+from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel, dense_plan
 
 _BACKWARD_CHUNK = 1 << 22  # weights dequantized at a time by the backward pass
 
@@ -250,10 +250,11 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "
 
 def keep_dense_copies(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     """Give every quantized projection of `model` whose kernel a dense copy beats on batches (measured per shape,
-    `quant_kernels.dense_from_rows`) a dense copy in `dtype` (default: the model's activations'; a layer with its own
-    output dtype, the fp32 head, in that), used from that many rows on (`QuantLinear.keep_dense`); returns the bytes
-    added. For serving and evaluation, whose batches are many rows; decoding one sequence (generate, chat) does
-    without, keeping the memory saving. A model without quantized layers is left as it is."""
+    `quant_kernels.dense_plan`) a dense copy, used from that many rows on (`QuantLinear.keep_dense`): in `dtype` (the
+    activations', by default) or float32, whichever measured faster; a layer with its own output dtype (the fp32
+    head) in that. Returns the bytes added. For serving and evaluation, whose batches are many rows; decoding one
+    sequence (generate, chat) does without, keeping the memory saving. A model without quantized layers is left as
+    it is."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.dense is None]
     if not layers:
         return 0
@@ -262,10 +263,11 @@ def keep_dense_copies(model: nn.Module, dtype: torch.dtype | None = None) -> int
     added = 0
     for m in layers:
         if id(m) not in tables:  # a table is only read by rows
-            dt = m.out_dtype or dtype  # a head answering fp32 logits keeps them fp32 (no bf16 ties in scoring)
-            rows = dense_from_rows(m.spec, m.device, m.kernel, dt)
-            if rows is not None:
-                m.keep_dense(rows, dt)
+            # a head answering fp32 logits keeps them fp32 (no bf16 ties in scoring); others: whichever is faster
+            candidates = (m.out_dtype,) if m.out_dtype else tuple(dict.fromkeys((dtype, torch.float32)))
+            plan = dense_plan(m.spec, m.device, m.kernel, dtype, candidates)
+            if plan is not None:
+                m.keep_dense(*plan)
                 added += m.dense.numel() * m.dense.element_size()
     return added
 
