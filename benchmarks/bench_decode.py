@@ -74,7 +74,7 @@ def time_llmlab(model: LLaMA, prompt: list[int], n: int, compile: bool = False) 
 def load_variant(weights: str, ckpt: Path, gguf: Path | None) -> LLaMA:
     """The model of a variant's weights (see the module docstring), on the CPU, in eval mode."""
     if weights in ("float32", "bfloat16"):
-        return load_for_inference(ckpt, device="cpu", dtype=weights)[0]
+        return load_for_inference(ckpt, device="cpu", dtype=weights, quantize="none")[0]
     if weights == "gguf":
         from llmlab.hub import ensure_default_gguf
 

@@ -1,11 +1,13 @@
 """Load test of `llmlab serve`: N concurrent streaming chat clients on loopback for a bounded time, against one.
 
-Starts the server (`llmlab serve CKPT`, a subprocess) once, then runs two phases of `--duration` seconds each:
-one client, then `--clients` clients. Every client loops: send a streaming chat completion (the official `openai`
-client, `stream_options.include_usage`), read it to the end, send the next. A phase stops starting requests after
-`--duration` and waits for the ones in flight; its throughput is the completion tokens of all its requests over
-its wall time. Prints both phases (tokens/s, requests, errors, median time to first token) and the ratio
-aggregate / single; exits 1 if any request failed.
+For each server setting (`--settings`: "old" = fp32 float weights, `--quantize none --dtype float32`, issue 16's
+before; "default" = `llmlab serve`'s defaults, the fast path) it starts the server (`llmlab serve CKPT`, a
+subprocess), then runs two phases of `--duration` seconds each: one client, then `--clients` clients. Every client
+loops: send a streaming chat completion (the official `openai` client, `stream_options.include_usage`), read it to
+the end, send the next. A phase stops starting requests after `--duration` and waits for the ones in flight; its
+throughput is the completion tokens of all its requests over its wall time. Prints the CPU flags, both phases of
+each setting (tokens/s, requests, errors, median time to first token), the ratio aggregate / single, and one
+client's speed-up of the default over the old setting; exits 1 if any request failed.
 
     flock /tmp/llmlab-cpu.lock .venv/bin/python benchmarks/bench_serve.py --clients 16 --duration 60
 """
@@ -90,25 +92,16 @@ async def phase(base_url: str, model: str, clients: int, duration: float, max_to
             "median_ttft_s": round(statistics.median(stats["ttft"]), 3) if stats["ttft"] else None}
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--ckpt", default="checkpoints/smollm2-135m-instruct")
-    ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--duration", type=float, default=60.0, help="seconds each phase starts requests")
-    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
-    ap.add_argument("--warmup", type=float, default=5.0, help="seconds of one client before measuring")
-    ap.add_argument("--max-seq-len", type=int, default=512, help="the server's --max-seq-len")
-    ap.add_argument("--threads", type=int, help="the server's intra-op threads (OMP_NUM_THREADS; default: torch's)")
-    ap.add_argument("--dtype", default="auto", help="the server's --dtype")
-    ap.add_argument("--json", type=Path, help="also write the results here")
-    args = ap.parse_args(argv)
-    if not (Path(args.ckpt) / "config.json").is_file():
-        print(f"bench_serve: {args.ckpt} is not a checkpoint folder (run `make model`)", file=sys.stderr)
-        return 2
+# (label, --quantize, --dtype) of each server setting measured; "old" is issue 16's before: fp32 float weights
+SETTINGS = {"old": ("none", "float32"), "default": ("auto", "auto")}
+
+
+def run_setting(args: argparse.Namespace, quantize: str, dtype: str) -> dict | None:
+    """Start `llmlab serve` with these weights, run the warm-up, one client, then `--clients` clients; stop it."""
     port = free_port()
-    cmd = [sys.executable, "-m", "llmlab.cli", "serve", args.ckpt, "--port", str(port), "--model-name", "bench",
+    cmd = [sys.executable, "-m", "llmlab.cli", "serve", str(args.ckpt), "--port", str(port), "--model-name", "bench",
            "--max-batch", str(args.clients), "--queue-size", str(4 * args.clients), "--max-seq-len",
-           str(args.max_seq_len), "--dtype", args.dtype]
+           str(args.max_seq_len), "--dtype", dtype, "--quantize", quantize]
     env = {**os.environ, "LLMLAB_API_KEY": ""}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -117,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import urllib.request
 
-        for _ in range(600):
+        for _ in range(3000):  # loading, and the first run's kernel measurements
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
                 break
             except OSError:
                 if server.poll() is not None:
                     print("bench_serve: the server exited", file=sys.stderr)
-                    return 2
+                    return None
                 time.sleep(0.2)
         asyncio.run(phase(base_url, "bench", 1, args.warmup, args.max_tokens))  # allocator, first calls
         one = asyncio.run(phase(base_url, "bench", 1, args.duration, args.max_tokens))
@@ -133,19 +126,79 @@ def main(argv: list[str] | None = None) -> int:
         server.terminate()
         server.wait(60)
     ratio = many["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
-    header = ("clients", "wall s", "requests", "tokens", "tokens/s", "TTFT p50 s", "mean batch", "errors")
-    print(" ".join(f"{h:>{w}}" for h, w in zip(header, (8, 7, 9, 7, 9, 11, 11, 7))))
-    for r in (one, many):
-        print(f"{r['clients']:>8} {r['wall_s']:>7} {r['requests']:>9} {r['tokens']:>7} {r['tokens_per_s']:>9} "
-              f"{r['median_ttft_s']!s:>11} {r['mean_batch']:>11} {r['errors']:>7}")
-    print(f"aggregate throughput ratio, {args.clients} clients / 1 client: {ratio:.2f}x (goal >= 6x)")
-    for r in (one, many):
-        for e in r["first_errors"]:
-            print(f"error ({r['clients']} clients): {e}", file=sys.stderr)
+    return {"quantize": quantize, "dtype": dtype, "single": one, "concurrent": many, "ratio": round(ratio, 2)}
+
+
+def cpu_line() -> str:
+    """The CPU flags that decide the fast path (native bf16, VNNI, AMX, AVX-512/AVX2) and torch's dispatch."""
+    from llmlab.hardware import cpu_capability, cpu_flags, native_bf16
+
+    shown = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx", "avx_vnni")) or f in ("avx2", "fma"))
+    return (f"CPU flags: {' '.join(shown) or 'unknown'}; torch dispatch {cpu_capability()}; "
+            f"native bf16: {native_bf16('cpu')}; threads {os.environ.get('OMP_NUM_THREADS', 'torch default')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", type=Path, help="checkpoint folder (default: the default model's cached import, "
+                                              "which keeps its GGUF)")
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds each phase starts requests")
+    ap.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request")
+    ap.add_argument("--warmup", type=float, default=5.0, help="seconds of one client before measuring")
+    ap.add_argument("--max-seq-len", type=int, default=512, help="the server's --max-seq-len")
+    ap.add_argument("--threads", type=int, help="the server's intra-op threads (OMP_NUM_THREADS; default: torch's)")
+    ap.add_argument("--settings", default="old,default",
+                    help="comma-separated: old (--quantize none --dtype float32), default (the server's defaults)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    if args.ckpt is None:
+        from llmlab.hub import ensure_default_model
+
+        args.ckpt = ensure_default_model()
+    if not (Path(args.ckpt) / "config.json").is_file():
+        print(f"bench_serve: {args.ckpt} is not a checkpoint folder (run `make model`)", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in args.settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown or not names:
+        print(f"bench_serve: --settings: unknown {unknown}; expected some of {', '.join(SETTINGS)}", file=sys.stderr)
+        return 2
+    results = {}
+    for name in names:
+        result = run_setting(args, *SETTINGS[name])
+        if result is None:
+            return 2
+        results[name] = result
+    print(cpu_line())
+    header = ("setting", "clients", "wall s", "requests", "tokens", "tokens/s", "TTFT p50 s", "mean batch", "errors")
+    widths = (28, 8, 7, 9, 7, 9, 11, 11, 7)
+    print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
+    for name, res in results.items():
+        label = f"{name} ({res['quantize']}/{res['dtype']})"
+        for r in (res["single"], res["concurrent"]):
+            print(f"{label:>28} {r['clients']:>8} {r['wall_s']:>7} {r['requests']:>9} {r['tokens']:>7} "
+                  f"{r['tokens_per_s']:>9} {r['median_ttft_s']!s:>11} {r['mean_batch']:>11} {r['errors']:>7}")
+    for name, res in results.items():
+        print(f"{name}: aggregate throughput ratio, {args.clients} clients / 1 client: {res['ratio']:.2f}x "
+              "(goal >= 6x)")
+    if "old" in results and "default" in results:
+        old, new = results["old"], results["default"]
+        speedup = new["single"]["tokens_per_s"] / old["single"]["tokens_per_s"] if old["single"]["tokens_per_s"] else 0
+        print(f"1 client, default / old: {speedup:.2f}x (goal >= 3x); TTFT p50 default {new['single']['median_ttft_s']}"
+              f" s vs old {old['single']['median_ttft_s']} s (goal: no worse)")
+    errors = False
+    for name, res in results.items():
+        for r in (res["single"], res["concurrent"]):
+            errors |= bool(r["errors"])
+            for e in r["first_errors"]:
+                print(f"error ({name}, {r['clients']} clients): {e}", file=sys.stderr)
     if args.json:
-        args.json.write_text(json.dumps({"single": one, "concurrent": many, "ratio": round(ratio, 2),
-                                         "command": " ".join(sys.argv)}, indent=2))
-    return 1 if one["errors"] or many["errors"] else 0
+        first = next(iter(results.values()))  # the first setting's rows also at the top, as before
+        args.json.write_text(json.dumps({**{k: first[k] for k in ("single", "concurrent", "ratio")},
+                                         "settings": results, "cpu": cpu_line(), "command": " ".join(sys.argv)},
+                                        indent=2))
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ def exact_match(ckpt: Path, problems: list[dict], adapter: Path | None, max_new_
     from llmlab.loading import load_for_inference
 
     model, tokenizer, gen_config = load_for_inference(ckpt, [adapter] if adapter else [], device="cpu",
-                                                      dtype="float32")
+                                                      dtype="float32", quantize="none")
     texts: list[str] = []
     for i in range(0, len(problems), batch):
         ids = [tokenizer.encode_chat([{"role": "user", "content": p["question"]}]) for p in problems[i: i + batch]]

@@ -34,8 +34,8 @@ def answers(checkpoint: Path, prompts: list[str], adapter: Path | None = None, m
     from llmlab.generate import SamplingParams, eos_token_ids, generate
     from llmlab.loading import load_for_inference
 
-    model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device="cpu",
-                                                      dtype="float32")
+    # the defaults, as `llmlab generate/chat` run: the GGUF's own blocks, bf16 where the CPU computes it natively
+    model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device="cpu")
     ids = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in prompts]
     out = generate(model, tokenizer, ids, max_new_tokens, SamplingParams(temperature=0.0),
                    eos_token_ids(tokenizer, gen_config))

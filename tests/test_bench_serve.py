@@ -22,13 +22,14 @@ def test_short_load_test_has_no_errors(tmp_path, capsys, monkeypatch):
     ckpt, _ = make_fixture(tmp_path)
     monkeypatch.setitem(os.environ, "OMP_NUM_THREADS", "1")
     out = tmp_path / "bench.json"
-    code = _bench().main(["--ckpt", str(ckpt), "--clients", "3", "--duration", "1", "--warmup", "0.5",
-                          "--max-tokens", "4", "--max-seq-len", "64", "--json", str(out)])
+    code = _bench().main(["--ckpt", str(ckpt), "--settings", "default", "--clients", "3", "--duration", "1",
+                          "--warmup", "0.5", "--max-tokens", "4", "--max-seq-len", "64", "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["single"]["requests"] >= 1 and result["concurrent"]["requests"] >= 3
     assert result["concurrent"]["errors"] == 0 and result["ratio"] > 0
-    assert "aggregate throughput ratio, 3 clients / 1 client" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "default: aggregate throughput ratio, 3 clients / 1 client" in printed and "CPU flags:" in printed
 
 
 def test_missing_checkpoint_is_reported(tmp_path, capsys):

@@ -22,7 +22,7 @@ TOOLS, check_calls = tools_demo.TOOLS, tools_demo.check_calls
 
 
 def serve(ckpt, index=None, max_seq_len: int = 2048) -> tuple[ServerThread, object]:
-    engine, tok = load_engine(ckpt, None, max_batch=4, max_seq_len=max_seq_len, queue_size=8)
+    engine, tok = load_engine(ckpt, None, max_batch=4, max_seq_len=max_seq_len, queue_size=8, dtype="float32")
     app = create_app(engine, tok, "m", extensions=[CopilotExtension(tok, engine.model.config.vocab_size, index)])
     return ServerThread(app), engine
 

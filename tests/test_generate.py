@@ -341,9 +341,12 @@ def ckpt(tmp_path, tokenizer) -> Path:
 
 
 def cli_model(ckpt: Path):
-    from llmlab.checkpoint import load_checkpoint
+    """The model and tokenizer the commands run: loaded with the same defaults (dtype auto: bf16 on a CPU that
+    computes it natively), so their output can be compared token for token."""
+    from llmlab.loading import load_for_inference
 
-    return load_checkpoint(ckpt), Tokenizer.from_folder(ckpt)
+    model, tok, _ = load_for_inference(ckpt)
+    return model, tok
 
 
 def test_cli_generate_streams_text(ckpt, capsys):
@@ -427,3 +430,18 @@ def test_greedy_matches_hf_generate_on_the_default_model(default_ckpt):
                       max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
     ours = run(load_checkpoint(default_ckpt), [prompt], 20, eos_ids={tok.eos_id})[0]
     assert len(ours) == 20 and ours == ref
+
+
+def test_sampling_never_picks_a_filtered_token_at_the_top_of_the_draw(monkeypatch):
+    logits = torch.tensor([[2.0, 1.0, -5.0, -6.0]])
+    real = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.full_like(real(*a, **kw), 1 - 2 ** -53))
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=2)).item() == 1  # the last kept token, not 3
+    monkeypatch.setattr(torch, "rand", lambda *a, **kw: torch.zeros_like(real(*a, **kw)))
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=2)).item() == 0
+
+
+def test_sampling_overflowed_logits_still_give_a_token_id():
+    logits = torch.tensor([[float("nan")] * 4, [1.0, 2.0, 0.0, 0.0]])
+    picked = sample(logits, SamplingParams(temperature=1.0), torch.Generator().manual_seed(0))
+    assert picked.shape == (2, 1) and 0 <= int(picked.min()) and int(picked.max()) < 4

@@ -15,6 +15,7 @@ from _gguf_writer import tiny_hf_model, write_llama_gguf
 
 import llmlab.hardware as hardware
 import llmlab.quant_kernels as qk
+import llmlab.quantized as quantized_module
 from llmlab.errors import LLMLabError
 from llmlab.ggml_blocks import BLOCK_SIZES, decode
 from llmlab.gguf_import import import_gguf, load_gguf_quantized
@@ -344,7 +345,7 @@ def test_generation_from_a_gguf_file(tiny_quant_gguf):
     model, tok, _ = load_for_inference(tiny_quant_gguf, device="cpu", dtype="bfloat16")
     steps = list(generate_tokens(model, [[5, 40, 200], [7]], 6))
     assert len(steps) == 6 and all(len(s) == 2 for s in steps)
-    with pytest.raises(LLMLabError, match="keeps its own quantization"):
+    with pytest.raises(LLMLabError, match="is a GGUF file, which runs on its own quantization"):
         load_for_inference(tiny_quant_gguf, quantize="int4")
 
 
@@ -377,7 +378,7 @@ def test_load_for_inference_quantizes_a_folder(tmp_path):
     model, _, _ = load_for_inference(folder, device="cpu", dtype="bfloat16", quantize="int4")
     assert model.dtype == torch.bfloat16
     assert any(isinstance(m, QuantLinear) for m in model.modules())
-    with pytest.raises(LLMLabError, match="--quantize: expected one of int8, int4"):
+    with pytest.raises(LLMLabError, match="--quantize: expected one of auto, none, int8, int4"):
         load_for_inference(folder, quantize="nf4")
 
 
@@ -444,3 +445,52 @@ def test_default_gguf_quantized_keeps_perplexity_and_greedy_text(default_gguf, d
     want = generate(ref, tok, [prompt], 32)[0].token_ids
     got = generate(model, tok, [prompt], 32)[0].token_ids
     assert got == want  # measured: the bicycle prompt of benchmarks/bench_decode.py agrees for 47 of 48 tokens
+
+
+# -- dense copies for batches (serving, evaluation) ----------------------------------------------------------
+def test_dense_plan_picks_the_faster_dtype_and_the_start_of_its_winning_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMLAB_HOME", str(tmp_path))
+    calls = []
+
+    def timed(spec, device, kernel, act_dtype, dtypes, rounds=3):
+        # bf16 loses at 2 rows, wins at 4, loses at 8, wins from 16; fp32 wins from 32 and is the faster at 64
+        calls.append(dtypes)
+        bf16 = {2: 2.0, 4: 0.5, 8: 2.0, 16: 0.5, 32: 0.5, 64: 0.5}
+        fp32 = {2: 2.0, 4: 2.0, 8: 2.0, 16: 2.0, 32: 0.4, 64: 0.4}
+        return {str(m): {"kernel": 1.0, "bfloat16": bf16[m], "float32": fp32[m]} for m in qk.DENSE_PROBE_ROWS}
+
+    monkeypatch.setattr(qk, "_time_dense", timed)
+    spec, kernel, cpu = QuantSpec.of(groups_of("Q8_0")), qk.KERNELS["int8split"], torch.device("cpu")
+    assert qk.dense_plan(spec, cpu, kernel, torch.bfloat16, (torch.bfloat16,)) == (16, torch.bfloat16)
+    assert qk.dense_plan(spec, cpu, kernel, torch.bfloat16, (torch.bfloat16,)) == (16, torch.bfloat16)
+    assert len(calls) == 1  # measured once, then read from the cache
+    assert qk.dense_plan(spec, cpu, kernel, torch.bfloat16, (torch.bfloat16, torch.float32)) == (32, torch.float32)
+    monkeypatch.setattr(qk, "_time_dense", lambda *a, **k: {str(m): {"kernel": 1.0, "float32": 2.0}
+                                                            for m in qk.DENSE_PROBE_ROWS})
+    assert qk.dense_plan(spec, cpu, kernel, torch.float32, (torch.float32,)) is None  # the kernel stays faster
+
+
+def test_dense_copies_serve_batches_and_keep_the_numbers(monkeypatch):
+    from llmlab.config import ModelConfig
+    from llmlab.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig.from_name("tiny", vocab_size=320, tie_word_embeddings=True)).eval()
+    quantize_model(model, "int8")
+    model.lm_head.out_dtype = torch.float32  # as a GGUF's head: fp32 logits
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        want = model(ids)
+        monkeypatch.setattr(quantized_module, "dense_plan", lambda spec, dev, kernel, act, dtypes: (4, dtypes[-1]))
+        added = quantized_module.keep_dense_copies(model)
+        got = model(ids)
+    down = model.model.layers[0].mlp.down_proj
+    assert added > 0 and down.dense is not None and down.dense_from == 4 and down.dense.dtype == torch.float32
+    assert model.lm_head.dense.dtype == torch.float32 and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-2 * want.abs().max().item())  # bf16-rounded inputs
+    with torch.no_grad():  # fewer rows than dense_from: the kernel
+        monkeypatch.setattr(down.kernel, "matmul", lambda *a: (_ for _ in ()).throw(AssertionError("kernel used")))
+        model.model.layers[0].mlp.down_proj(torch.randn(2, 12, down.in_features))[0]  # 24 rows: dense
+        with pytest.raises(AssertionError, match="kernel used"):
+            down(torch.randn(1, 3, down.in_features))
+    assert quantized_module.keep_dense_copies(build_model(ModelConfig.from_name("tiny", vocab_size=320))) == 0

@@ -31,7 +31,7 @@ class Weather(BaseModel):
 
 
 def serve(ckpt, max_seq_len: int = 2048) -> tuple[ServerThread, object]:
-    engine, tok = load_engine(ckpt, None, max_batch=4, max_seq_len=max_seq_len, queue_size=8)
+    engine, tok = load_engine(ckpt, None, max_batch=4, max_seq_len=max_seq_len, queue_size=8, dtype="float32")
     app = create_app(engine, tok, "m", extensions=[CopilotExtension(tok, engine.model.config.vocab_size)])
     return ServerThread(app), engine
 
@@ -51,7 +51,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris? Answer in JSON
 def test_parse_with_a_pydantic_model_every_choice(client, seed):
     """A random model's replies match the schema, every one of n = 3 choices (each has its own grammar state)."""
     out = client.chat.completions.parse(model="m", messages=ASK, response_format=Weather, temperature=1.0,
-                                        seed=seed, n=3, max_tokens=400)
+                                        seed=seed, n=3, max_tokens=1000)
     assert len(out.choices) == 3 and all(c.finish_reason == "stop" for c in out.choices)
     assert all(isinstance(c.message.parsed, Weather) for c in out.choices)
     assert len({c.message.content for c in out.choices}) > 1

@@ -40,7 +40,7 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(fixture):
     ckpt, adapters = fixture
-    engine, tok = load_engine(ckpt, adapters, max_batch=6, max_seq_len=96, queue_size=8)
+    engine, tok = load_engine(ckpt, adapters, max_batch=6, max_seq_len=96, queue_size=8, dtype="float32")
     srv = ServerThread(create_app(engine, tok, "tiny", api_key=KEY))
     srv.engine, srv.tokenizer = engine, tok
     yield srv

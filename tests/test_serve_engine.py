@@ -12,17 +12,27 @@ import pytest
 import torch
 from _serve import (
     PROMPTS,
+    make_adapter,
     make_fixture,
     one_thread,  # noqa: F401  (a fixture, used through pytestmark)
     wait_for,
 )
+from _tiny import tiny_checkpoint
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from llmlab import quantized as quantized_module
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
 from llmlab.errors import LLMLabError
 from llmlab.generate import SamplingParams, generate
+from llmlab.gguf_export import export_gguf
+from llmlab.gguf_import import import_gguf
+from llmlab.loading import load_for_inference
 from llmlab.methods import load_adapter
+from llmlab.methods.adapters import PROBE_KEY
 from llmlab.methods.lora import save_adapter
+from llmlab.quantized import FusedQuantLinear, QuantLinear
 from llmlab.serve import load_engine, parse_adapters
 from llmlab.serve.engine import Engine, GenerationRequest, QueueFull
 from llmlab.serve.lora_multi import MultiLoRA, MultiLoRALinear
@@ -39,7 +49,7 @@ def fixture(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(fixture):
     ckpt, adapters = fixture
-    eng, _ = load_engine(ckpt, adapters, max_batch=6, max_seq_len=128, queue_size=8)
+    eng, _ = load_engine(ckpt, adapters, max_batch=6, max_seq_len=128, queue_size=8, dtype="float32")
     yield eng
     eng.close()
 
@@ -197,7 +207,7 @@ def test_failing_logits_processor_fails_only_its_request(engine):
 
 def test_cancel_frees_the_rows_and_queue_full(fixture):
     ckpt, _ = fixture
-    eng, tok = load_engine(ckpt, max_batch=1, max_seq_len=128, queue_size=1)
+    eng, tok = load_engine(ckpt, max_batch=1, max_seq_len=128, queue_size=1, dtype="float32")
     try:
         ids = tok.encode(PROMPTS[0])
         with eng.lock:  # paused: nothing is admitted
@@ -315,7 +325,7 @@ def test_adapters_load_and_unload_while_running(fixture):
     when it is done and the model is the plain base again), and loads another under the same name (no stale
     prefix cache)."""
     ckpt, adapters = fixture
-    eng, tok = load_engine(ckpt, max_batch=4, max_seq_len=128)
+    eng, tok = load_engine(ckpt, max_batch=4, max_seq_len=128, dtype="float32")
     try:
         ids = tok.encode(PROMPTS[0])
         eng.load_adapter("alpha", adapters["alpha"])
@@ -353,7 +363,7 @@ def test_adapters_load_and_unload_while_running(fixture):
 
 def test_an_adapter_that_does_not_fit_leaves_the_engine_as_it_was(fixture, tmp_path):
     ckpt, adapters = fixture
-    eng, tok = load_engine(ckpt, {"alpha": adapters["alpha"]}, max_batch=2, max_seq_len=128)
+    eng, tok = load_engine(ckpt, {"alpha": adapters["alpha"]}, max_batch=2, max_seq_len=128, dtype="float32")
     try:
         key = "model.layers.{}.self_attn.qkv_proj.lora_{}.q"
         save_adapter(tmp_path / "narrow", {key.format(0, "A"): torch.zeros(4, 32), key.format(0, "B"):
@@ -368,3 +378,96 @@ def test_an_adapter_that_does_not_fit_leaves_the_engine_as_it_was(fixture, tmp_p
         assert {name: type(m) for name, m in eng.model.named_modules()} == before
     finally:
         eng.close()
+
+
+# -- over a quantized base: the fast path serves a folder that keeps its GGUF from the file's own blocks -------------
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """A tiny checkpoint exported to a Q8_0 GGUF and imported back (the folder keeps the file as model.gguf, so
+    serving it runs on the blocks), and two LoRA adapters made for it."""
+    tmp = tmp_path_factory.mktemp("quantized")
+    ckpt = tiny_checkpoint(tmp / "tiny", std=0.1)
+    folder = import_gguf(export_gguf(ckpt, tmp / "tiny.gguf", "q8_0"), tmp / "imported")
+    adapters = {"alpha": make_adapter(folder, tmp / "alpha", 1), "beta": make_adapter(folder, tmp / "beta", 2, "k,up")}
+    for adapter in adapters.values():  # as PEFT writes them: no base probe (read from a float embedding table)
+        weights = adapter / "adapter_model.safetensors"
+        with safe_open(weights, "pt") as f:
+            metadata = {k: v for k, v in (f.metadata() or {}).items() if k != PROBE_KEY}
+        save_file(load_file(weights), weights, metadata=metadata)
+    return folder, adapters
+
+
+@pytest.fixture(scope="module")
+def quantized_engine(quantized):
+    folder, adapters = quantized
+    with pytest.MonkeyPatch.context() as mp:  # batches of 2 rows or more take the dense copies, whatever was measured
+        mp.setattr(quantized_module, "dense_plan", lambda spec, dev, kernel, act, dtypes: (2, dtypes[0]))
+        eng, _ = load_engine(folder, adapters, max_batch=6, max_seq_len=128, queue_size=8, dtype="float32")
+    yield eng
+    eng.close()
+
+
+def float_twin(model, folder: Path, adapter: Path | None = None):
+    """The float model of `folder` with every quantized projection's weights set to what that layer multiplies by
+    (`dequantize()`), plus `adapter` put on the training way: the reference a quantized row must equal."""
+    twin = load_checkpoint(folder).eval()
+    for name, module in model.named_modules(remove_duplicate=False):  # a tied head is also the embedding's source
+        if isinstance(module, QuantLinear | FusedQuantLinear) and ".parts." not in name and ".source" not in name:
+            target = twin.get_submodule(name.removesuffix(".base"))
+            with torch.no_grad():
+                target.weight.copy_(module.dequantize(torch.float32))
+    if adapter is not None:
+        load_adapter(twin, adapter)
+    return twin
+
+
+def test_quantized_engine_equals_greedy_decoding_one_at_a_time(quantized, quantized_engine):
+    folder, _ = quantized
+    eng = quantized_engine
+    down = eng.model.model.layers[0].mlp.down_proj.base  # alpha targets down: the wrapper keeps the quantized base
+    assert isinstance(down, QuantLinear) and down.dense is not None and down.dense_from == 2
+    tok = eng.tokenizer
+    reqs = [GenerationRequest(tok.encode(p), 12 + 3 * i) for i, p in enumerate(PROMPTS)]
+    results = submit_all(eng, reqs)
+    model, _, _ = load_for_inference(folder, device="cpu", dtype="float32")  # the same blocks, no dense copies
+    assert model.model.layers[0].mlp.down_proj.dense is None
+    for req, got in zip(reqs, results):
+        out = generate(model, tok, [req.prompt_ids], req.max_tokens)[0]
+        assert got == [(out.text, out.finish_reason)]
+
+
+def test_two_adapters_in_one_batch_over_a_quantized_base(quantized, quantized_engine):
+    folder, adapters = quantized
+    eng = quantized_engine
+    ids = eng.tokenizer.encode(PROMPTS[0])
+    names = [None, "alpha", "beta", "alpha", None]
+    results = submit_all(eng, [GenerationRequest(ids, 16, adapter=a) for a in names])
+    expected = {}
+    for a in set(names):
+        twin = float_twin(eng.model, folder, adapters.get(a))
+        out = generate(twin, eng.tokenizer, [ids], 16)[0]
+        expected[a] = (out.text, out.finish_reason)
+    assert len(set(expected.values())) == 3, "each adapter must change the output for this test to mean much"
+    for name, got in zip(names, results):
+        assert got == [expected[name]], name
+
+
+def test_multi_lora_over_quant_linear_equals_the_adapter_alone(quantized):
+    folder, adapters = quantized
+    model, _, _ = load_for_inference(folder, device="cpu", dtype="float32")
+    x = torch.randint(0, 300, (3, 9), generator=torch.Generator().manual_seed(0))
+    multi = MultiLoRA(model)
+    for name, folder_ in adapters.items():
+        multi.add(name, folder_)
+    assert isinstance(model.model.layers[1].self_attn.qkv_proj.base, QuantLinear)  # beta targets k
+    with torch.no_grad(), multi.select(["beta", None, "alpha"]):
+        got = model(x)
+    # the int8 kernel rounds its activations to bf16 (logits ~3 here move by ~0.015), which the tolerance allows;
+    # each adapter moves them far more than that
+    base = float_twin(model, folder)
+    for row, name in enumerate(["beta", None, "alpha"]):
+        ref = float_twin(model, folder, adapters.get(name))
+        with torch.no_grad():
+            want = ref(x[row:row + 1])[0]
+            torch.testing.assert_close(got[row], want, rtol=0, atol=0.04)
+            assert name is None or (want - base(x[row:row + 1])[0]).abs().max() > 0.5

@@ -69,8 +69,8 @@ def convert(src: Path, dst: Path, dtype: str = "float32", overwrite: bool = Fals
 def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system: str | None = None,
              max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
-             stop: str | list[str] | None = None, dtype: str = "auto", device: str = "auto",
-             compile: bool = False, adapter: Path | None = None) -> None:
+             stop: str | list[str] | None = None, dtype: str = "auto", quantize: str = "auto",
+             device: str = "auto", compile: bool = False, adapter: Path | None = None) -> None:
     """Continue a prompt, or answer it as a chat message, streaming the text to stdout as it is generated.
 
     Sampling options left unset come from the checkpoint's generation_config.json (greedy unless it sets
@@ -89,7 +89,11 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
         repetition_penalty: Above 1 discourages tokens already in the prompt or the output (1 = off).
         seed: Random seed: the same seed reproduces a sample.
         stop: A stop string, or a list (`--stop '["\\n\\n", "User:"]'`); output ends before the first one.
-        dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
+            natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
+        quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
         adapter: An adapter folder to apply on top of the checkpoint, unmerged: PEFT LoRA (e.g. RUN_DIR/final of
@@ -100,7 +104,7 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
     if prompt == "":
         raise LLMLabError("--prompt is empty: give the text to continue or the question to answer")
     model, tokenizer, sampling, eos, stops = _load_for_generation(
-        checkpoint, dtype, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
+        checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
     if chat is None:
         chat = tokenizer.chat_template is not None
     if chat:
@@ -118,8 +122,8 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
 
 def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float | None = None,
          top_k: int | None = None, top_p: float | None = None, repetition_penalty: float | None = None,
-         seed: int | None = None, stop: str | list[str] | None = None, dtype: str = "auto", device: str = "auto",
-         compile: bool = False, adapter: Path | None = None, index: Path | None = None,
+         seed: int | None = None, stop: str | list[str] | None = None, dtype: str = "auto", quantize: str = "auto",
+         device: str = "auto", compile: bool = False, adapter: Path | None = None, index: Path | None = None,
          plugins: str | list[str] | None = None, passages: int = 4, context_tokens: int = 1024,
          max_tool_rounds: int = 3, tool_choice: str = "auto") -> None:
     """Talk with a model: each input line is a user message, the reply streams back; the history is kept.
@@ -142,7 +146,11 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
         repetition_penalty: Above 1 discourages tokens already in the conversation (1 = off).
         seed: Random seed: the same seed reproduces a sample.
         stop: A stop string, or a list of them; a reply ends before the first one.
-        dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
+            natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
+        quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
         adapter: An adapter folder (PEFT LoRA or llmlab bottleneck) to apply on top of the checkpoint, unmerged.
@@ -159,7 +167,7 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
     from llmlab.generate import ChatSession
 
     model, tokenizer, sampling, eos, stops = _load_for_generation(
-        checkpoint, dtype, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
+        checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
     session = ChatSession(model, tokenizer, system, max_new_tokens, sampling, eos, stops, compile)
     session = _copilot_session(session, index, plugins, passages, context_tokens, max_tool_rounds, tool_choice)
     interactive = sys.stdin.isatty()
@@ -212,8 +220,8 @@ def _copilot_session(session, index: Path | None, plugins: str | list[str] | Non
     return session
 
 
-def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature: float | None, top_k: int | None,
-                         top_p: float | None, repetition_penalty: float | None, seed: int | None,
+def _load_for_generation(checkpoint: Path, dtype: str, quantize: str, device: str, temperature: float | None,
+                         top_k: int | None, top_p: float | None, repetition_penalty: float | None, seed: int | None,
                          stop: str | list[str] | None, adapter: Path | None = None) -> tuple:
     """Model (with its adapter, if any), tokenizer, sampling parameters, EOS ids and stop strings for
     `generate` and `chat`."""
@@ -222,7 +230,7 @@ def _load_for_generation(checkpoint: Path, dtype: str, device: str, temperature:
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device=device,
-                                                      dtype=dtype)
+                                                      dtype=dtype, quantize=quantize)
     sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed)
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
@@ -375,7 +383,8 @@ def export(checkpoint: Path, *, gguf: Path, type: Literal["f32", "f16", "bf16", 
 
 def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None = None, limit: int | None = None,
              seed: int = 0, out: Path | None = None, data_dir: Path = Path("../shared/data"), batch_size: int = 8,
-             chat: bool | None = None, dtype: str = "auto", device: str = "auto", progress: bool = True) -> dict:
+             chat: bool | None = None, dtype: str = "auto", quantize: str = "auto", device: str = "auto",
+             progress: bool = True) -> dict:
     """Evaluate a checkpoint on tasks: perplexity, multiple choice, generation, code (pass@k), sentence pairs.
 
     Prints a table and writes OUT/results.json plus OUT/samples_<task>.jsonl. See docs/evaluate.md.
@@ -392,7 +401,11 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
         data_dir: The folder that `${data_dir}` means in task files (GSM8K, HumanEval and NQ-open data).
         batch_size: Rows per batch for scoring and generation.
         chat: Send prompts through the tokenizer's chat template (default: as each task file says).
-        dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
+            natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
+        quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         progress: Show progress bars on stderr.
     """
@@ -401,8 +414,8 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
     task_list = load_tasks(tasks)
     for t in task_list:
         t.check_data(data_dir)
-    model, tokenizer, sampling, eos, _ = _load_for_generation(checkpoint, dtype, device, None, None, None, None,
-                                                              seed, None, adapter)
+    model, tokenizer, sampling, eos, _ = _load_for_generation(checkpoint, dtype, quantize, device, None, None, None,
+                                                              None, seed, None, adapter)
     out = out if out is not None else Path("runs/eval") / Path(checkpoint).resolve().name
     lm = TextModel(model, tokenizer, eos, batch_size=batch_size, progress=progress)
     meta = {"checkpoint": str(checkpoint), "adapter": str(adapter) if adapter else None, "data_dir": str(data_dir)}
@@ -414,7 +427,8 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
 
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
-          max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto", index: Path | None = None,
+          max_seq_len: int = 2048, dtype: str = "auto", quantize: str = "auto", device: str = "auto",
+          index: Path | None = None,
           allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, responses, embeddings,
     streaming) with a chat page.
@@ -435,7 +449,11 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         max_batch: Most sequences decoded together (choices of all running requests).
         queue_size: Most requests waiting for a free batch row; more are answered 503.
         max_seq_len: KV-cache length per sequence (prompt + output), at most the model's context.
-        dtype: Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16.
+        dtype: Activations' (and float weights') dtype: auto (bfloat16 on CUDA and on CPUs that compute it
+            natively, AVX-512 BF16 or AMX; float32 elsewhere), float32, bfloat16 or float16.
+        quantize: Weights to run: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the
+            GGUF's own quantized blocks on a CPU; other folders on their float weights), none (a folder's float
+            weights), int8 or int4 (quantize a folder's float weights at load). See docs/benchmarks.md.
         device: auto, cpu, cuda or cuda:N.
         index: An index folder from `llmlab index`: chat answers are grounded in its documents and the response
             lists them in the extra field `sources` (docs/copilot.md). Tool calls (`tools`) work with or without it.
@@ -456,7 +474,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         raise LLMLabError(f"--port must be a TCP port from 1 to 65535, got {port}")
     adapters = parse_adapters(adapter)
     engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
-                                    queue_size=queue_size, dtype=dtype, device=device)
+                                    queue_size=queue_size, dtype=dtype, quantize=quantize, device=device)
     name = model_name or Path(checkpoint).resolve().name
     if name in adapters:
         raise LLMLabError(f"--adapter name '{name}' is the base model's name; choose another (or --model-name)")

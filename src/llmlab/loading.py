@@ -2,6 +2,16 @@
 `evaluate` and the lm-evaluation-harness adapter call to get a model on its device in its dtype, with its adapters,
 its tokenizer and its generation config. Training loads through `llmlab.checkpoint.load_checkpoint` instead (its own
 device and precision rules live in `llmlab.train`).
+
+It also owns the fast path's defaults, so every command that runs a model gets the same one (`docs/benchmarks.md`
+has the measurements behind them):
+- `quantize="auto"` (`weights_source`): a GGUF file, or a folder that keeps the GGUF it was imported from
+  (`gguf_import.kept_gguf`), runs on the file's own quantized blocks (`llmlab.quantized`: a quarter of bf16's bytes,
+  the fastest decoding on AVX-512 and AVX2 CPUs alike); any other folder runs on its own float weights, which are
+  never quantized unless asked (`--quantize int8|int4`): a fine-tuned model stays what was trained. On CUDA a folder
+  always runs on its float weights (the quantized kernels are CPU kernels).
+- `dtype="auto"` (`checkpoint.default_dtype`): bfloat16 on CUDA and on a CPU that computes bf16 natively (AVX-512
+  BF16, AMX: `hardware.native_bf16`), float32 elsewhere, where bf16 arithmetic is emulated and slower than fp32.
 """
 
 from __future__ import annotations
@@ -14,11 +24,13 @@ import torch
 
 from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_generation_config
 from llmlab.errors import LLMLabError
-from llmlab.gguf_import import load_gguf_quantized
+from llmlab.gguf_import import kept_gguf, load_gguf_quantized
 from llmlab.methods import load_adapter
 from llmlab.model import LLaMA
 from llmlab.quantized import QUANTIZE_MODES, quantize_model
 from llmlab.tokenizer import Tokenizer
+
+QUANTIZE_CHOICES = ("auto", "none", *QUANTIZE_MODES)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -31,9 +43,27 @@ def resolve_device(name: str) -> torch.device:
         raise LLMLabError(f"--device: '{name}' is not a device (expected auto, cpu, cuda or cuda:N)") from e
 
 
+def weights_source(path: str | Path, quantize: str, device: torch.device) -> tuple[str, Path | None]:
+    """Which weights `load_for_inference` runs: ("gguf", file) for a GGUF's own blocks, ("float", None) for a
+    folder's float weights, ("int8" | "int4", None) for a folder's weights quantized at load (see the module
+    docstring for what `auto` chooses)."""
+    if quantize not in QUANTIZE_CHOICES:
+        raise LLMLabError(f"--quantize: expected one of {', '.join(QUANTIZE_CHOICES)}, got '{quantize}'")
+    path = Path(path)
+    if path.is_file():
+        if quantize != "auto":  # none too: silently running the blocks anyway would not be what was asked
+            raise LLMLabError(f"--quantize {quantize}: {path} is a GGUF file, which runs on its own quantization; "
+                              "--quantize applies to HF-format checkpoint folders (`llmlab convert` makes one)")
+        return "gguf", path
+    if quantize in QUANTIZE_MODES:
+        return quantize, None
+    kept = kept_gguf(path) if quantize == "auto" and device.type == "cpu" else None
+    return ("gguf", kept) if kept is not None else ("float", None)
+
+
 def load_for_inference(path: str | Path, adapters: Sequence[str | Path] = (), *, device: str = "auto",
-                       dtype: str = "auto", quantize: str | None = None, kernel: str = "auto",
-                       bf16_if_native: bool = False) -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
+                       dtype: str = "auto", quantize: str = "auto",
+                       kernel: str = "auto") -> tuple[LLaMA, Tokenizer, dict[str, Any]]:
     """Model (eval mode), tokenizer and generation config of an HF-format checkpoint folder or a GGUF file.
 
     Args:
@@ -41,27 +71,27 @@ def load_for_inference(path: str | Path, adapters: Sequence[str | Path] = (), *,
             `llmlab.quantized`).
         adapters: Adapter folders (PEFT LoRA, llmlab bottleneck) to put on the model, unmerged, in this order.
         device: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
-        dtype: The weights' dtype: auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16.
-        quantize: int8 or int4: quantize a folder's float weights the same way (`quantize_model`).
+        dtype: The dtype of the float weights and activations: auto (bfloat16 on CUDA and on CPUs that compute it
+            natively, float32 elsewhere), float32, bfloat16 or float16.
+        quantize: auto (a GGUF file, or a folder keeping the GGUF it was imported from, runs on the GGUF's blocks;
+            other folders on their float weights), none (a folder's float weights), int8 or int4 (quantize a
+            folder's float weights, `quantize_model`). A GGUF file takes auto only.
         kernel: The quantized matmul kernel (auto: measured on this machine, `llmlab.quant_kernels`).
-        bf16_if_native: Make dtype auto mean bfloat16 on a CPU that computes it natively (`llmlab.hardware`).
     Options after `adapters` are keyword-only, so that more of them slot in without touching the callers.
     """
     dev = resolve_device(device)
-    torch_dtype = dtype_from_name(dtype, dev, bf16_if_native)
+    torch_dtype = dtype_from_name(dtype, dev, bf16_if_native=True)
+    source, gguf = weights_source(path, quantize, dev)
     path = Path(path)
-    if path.is_file():
-        if quantize is not None:
-            raise LLMLabError(f"--quantize {quantize}: {path} is a GGUF file, which keeps its own quantization; "
-                              "--quantize applies to HF-format checkpoint folders")
-        model, tokenizer, gen_config = load_gguf_quantized(path, dev, torch_dtype, kernel)
+    if source == "gguf":
+        model, tokenizer, gen_config = load_gguf_quantized(gguf, dev, torch_dtype, kernel)
+        if path.is_dir():  # the folder's own tokenizer and generation config, as for its float weights
+            tokenizer, gen_config = Tokenizer.from_folder(path), load_generation_config(path)
     else:
-        if quantize is None:
+        if source == "float":
             model = load_checkpoint(path, device=dev, dtype=torch_dtype)
-        elif quantize not in QUANTIZE_MODES:
-            raise LLMLabError(f"--quantize: expected one of {', '.join(QUANTIZE_MODES)}, got '{quantize}'")
         else:
-            model = quantize_model(load_checkpoint(path, device=dev), quantize, kernel=kernel).to(torch_dtype)
+            model = quantize_model(load_checkpoint(path, device=dev), source, kernel=kernel).to(torch_dtype)
         tokenizer, gen_config = Tokenizer.from_folder(path), load_generation_config(path)
     for adapter in adapters:
         load_adapter(model, adapter)

@@ -406,10 +406,7 @@ def choose_kernel(spec: QuantSpec, device: torch.device, requested: str = "auto"
         return KERNELS[requested]
     if len(usable) == 1:
         return KERNELS[usable[0]]
-    from llmlab.hardware import machine_key
-
-    key = (f"{machine_key()}|{device}|threads={torch.get_num_threads()}|{spec.out_features}x{spec.in_features}"
-           f"|g{spec.group}|b{spec.bits}|q{spec.qmin}|z{int(spec.has_zero)}")
+    key = _verdict_key(spec, device)
     verdicts = _read_verdicts()
     if verdicts.get(key, {}).get("kernel") in usable:
         return KERNELS[verdicts[key]["kernel"]]
@@ -419,6 +416,77 @@ def choose_kernel(spec: QuantSpec, device: torch.device, requested: str = "auto"
              spec.bits, spec.group, device, best, ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()))
     _write_verdict(key, {"kernel": best, "ms": {k: round(v, 4) for k, v in times.items()}})
     return KERNELS[best]
+
+
+def _verdict_key(spec: QuantSpec, device: torch.device) -> str:
+    """What a measured verdict is valid for: this CPU and torch build, the device, the thread count, the format."""
+    from llmlab.hardware import machine_key
+
+    return (f"{machine_key()}|{device}|threads={torch.get_num_threads()}|{spec.out_features}x{spec.in_features}"
+            f"|g{spec.group}|b{spec.bits}|q{spec.qmin}|z{int(spec.has_zero)}")
+
+
+# -- batches: from how many rows a dense copy multiplies faster ----------------------------------------------
+DENSE_PROBE_ROWS = (2, 4, 8, 16, 32, 64)  # batch sizes at which the dense copy is timed against the kernel
+
+
+def dense_plan(spec: QuantSpec, device: torch.device, kernel: Kernel, act_dtype: torch.dtype,
+               dtypes: tuple[torch.dtype, ...]) -> tuple[int, torch.dtype] | None:
+    """Whether and how a layer should keep a dense copy of its weight for batches: (the fewest rows from which the
+    copy multiplies faster than `kernel`, at that batch size and every larger one probed (`DENSE_PROBE_ROWS`), the
+    copy's dtype), or None when the kernel stays as fast. Inputs arrive in `act_dtype`; the copy's dtype is the one
+    of `dtypes` fastest at the largest probe. Measured once per shape, kernel and dtypes, cached beside the kernel
+    choice.
+
+    Why: the weight-only kernels are built for decoding's one row, and their cost grows with the rows (torch's CPU
+    int4 kernel and the per-group int8 one about linearly from 4 rows on), while the dense GEMM's barely does; a
+    serving batch of 16 rows, a prefill or a scoring batch is where a dense copy pays for its memory. Which dtype: on
+    a CPU with AVX-512 BF16 but no AMX, a batch's fp32 GEMM measured ~1.5x faster than the bf16 one (a whole
+    8x128-token forward of the default model, shared machine), though bf16 halves the bytes; so both are timed."""
+    names = [str(d).removeprefix("torch.") for d in dtypes]
+    act = str(act_dtype).removeprefix("torch.")
+    key = f"{_verdict_key(spec, device)}|{kernel.name}|act-{act}|dense-{'+'.join(names)}"
+    times = _read_verdicts().get(key, {}).get("ms")
+    if not isinstance(times, dict) or any(str(m) not in times for m in DENSE_PROBE_ROWS):
+        times = _time_dense(spec, device, kernel, act_dtype, dtypes)
+        _write_verdict(key, {"ms": times})
+    largest = str(DENSE_PROBE_ROWS[-1])
+    best = min(range(len(dtypes)), key=lambda i: times[largest][names[i]])
+    wins = [times[str(m)][names[best]] < times[str(m)]["kernel"] for m in DENSE_PROBE_ROWS]
+    first = len(wins)  # the start of the run of probes where the dense copy wins, up to the largest
+    while first and wins[first - 1]:
+        first -= 1
+    return (DENSE_PROBE_ROWS[first], dtypes[best]) if first < len(wins) else None
+
+
+def _time_dense(spec: QuantSpec, device: torch.device, kernel: Kernel, act_dtype: torch.dtype,
+                dtypes: tuple[torch.dtype, ...], rounds: int = 3) -> dict[str, dict[str, float]]:
+    """Best-of-`rounds` ms of the kernel's product and of a dense copy's in each of `dtypes` (the input cast to it)
+    at each of DENSE_PROBE_ROWS rows of `act_dtype` inputs."""
+    g = _random_groups(spec, device)
+    packed, dense = kernel.pack(g), {d: g.dequantize(d) for d in dtypes}
+    del g
+    out = {}
+    with torch.inference_mode():
+        for m in DENSE_PROBE_ROWS:
+            x = torch.randn(m, spec.in_features).to(device, act_dtype)
+            calls = {"kernel": lambda: kernel.matmul(x, packed, spec)}
+            for d in dtypes:
+                calls[str(d).removeprefix("torch.")] = lambda d=d: F.linear(x.to(d), dense[d])
+            best = dict.fromkeys(calls, float("inf"))
+            for f in calls.values():  # warm-up
+                f()
+            for _ in range(rounds):  # interleaved, so a busy moment of a shared machine hits all alike
+                for name, f in calls.items():
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0 = time.perf_counter()
+                    f()
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
+            out[str(m)] = {k: round(v, 4) for k, v in best.items()}
+    return out
 
 
 def time_kernels(spec: QuantSpec, device: torch.device, names: list[str], rounds: int = 5) -> dict[str, float]:

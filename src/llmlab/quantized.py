@@ -11,7 +11,11 @@ eighth of an fp32 one. `QuantLinear` holds a weight as `Groups` (integer codes +
 - training (gradients recorded, a batch of `DENSE_MIN_ROWS` rows or more): the weight is dequantized to the
   compute dtype (autocast's, as nn.Linear) a chunk of rows at a time and multiplied by the dense GEMM, forward and
   backward (grad_x = grad_y @ W), never kept: LoRA and bottleneck adapters train on a quantized base through it;
-  the quantized weights themselves are frozen.
+  the quantized weights themselves are frozen;
+- inference batches (`keep_dense_copies`): the kernels are built for decoding's one row and their cost grows with
+  the rows, so where a serving batch, a prefill or a scoring batch is multiplied faster by the dense GEMM
+  (measured per shape, `quant_kernels.dense_plan`) a layer may also keep a dense copy in the activations' dtype
+  and use it from that many rows on; decoding one sequence keeps the kernel and the memory saving.
 A fused projection (`qkv_proj`, `gate_up_proj`) whose parts share a format is one `QuantLinear` over the
 concatenated rows (a group never spans two rows, so each part keeps its own blocks); parts of different formats
 (Q4_K_M files mix Q4_K and Q6_K) become a `FusedQuantLinear` of one layer per part.
@@ -27,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.errors import LLMLabError
-from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel
+from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel, dense_plan
 
 _CHUNK = 1 << 22  # weights dequantized at a time by the dense (training) path: 8 MB in bf16
 DENSE_MIN_ROWS = 16  # products of at least this many rows take the dense path when gradients are recorded
@@ -119,6 +123,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, t, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.to(dev), requires_grad=False)
         self.out_dtype = out_dtype
+        self.register_buffer("dense", None, persistent=False)  # see keep_dense
+        self.dense_from = 0
 
     def kernel_buffers(self) -> dict[str, Tensor]:
         """The kernel's buffers by name."""
@@ -142,7 +148,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         compute = _compute_dtype(x)
         out_dtype = self.out_dtype or compute
-        if torch.is_grad_enabled() and x2.shape[0] >= DENSE_MIN_ROWS:  # training: dequantize + dense GEMM
+        if self.dense is not None and x2.shape[0] >= self.dense_from and not x.requires_grad:  # an inference batch
+            y = F.linear(x2.to(self.dense.dtype), self.dense).to(out_dtype)
+        elif torch.is_grad_enabled() and x2.shape[0] >= DENSE_MIN_ROWS:  # training: dequantize + dense GEMM
             y = _DenseQuantMatmul.apply(x2.to(compute), self).to(out_dtype)
         elif torch.is_grad_enabled() and x.requires_grad:
             y = _QuantMatmul.apply(x2, self, out_dtype)
@@ -153,6 +161,13 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.view(*shape[:-1], self.out_features)
+
+    def keep_dense(self, from_rows: int, dtype: torch.dtype) -> None:
+        """Multiply inputs of `from_rows` rows or more by a dense copy of the weight in `dtype` from now on (kept
+        beside the quantized one: 2 bytes a weight in bf16); fewer rows still take the kernel. The product is computed
+        in `dtype` and returned in the layer's output dtype."""
+        self.dense = self.dequantize(dtype)
+        self.dense_from = from_rows
 
     def rows(self, index: Tensor) -> Groups:
         """The groups of output rows `index` (1-D), as this layer computes with them."""
@@ -217,6 +232,9 @@ class QuantEmbedding(nn.Module):
         self.register_buffer("dtype_ref", torch.empty(0, dtype=dtype, device=source.device), persistent=False)
 
     def forward(self, idx: Tensor) -> Tensor:
+        dense = self.source.dense
+        if dense is not None and dense.dtype == self.dtype_ref.dtype:  # the same rows, already dequantized
+            return F.embedding(idx, dense)
         flat = idx.reshape(-1)
         return self.source.rows(flat).dequantize(self.dtype_ref.dtype).view(*idx.shape, self.embedding_dim)
 
@@ -283,6 +301,30 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "
                                               device=device)
         decoder.embed_tokens = QuantEmbedding(table, dtype)
     return model
+
+
+def keep_dense_copies(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Give every quantized projection of `model` whose kernel a dense copy beats on batches (measured per shape,
+    `quant_kernels.dense_plan`) a dense copy, used from that many rows on (`QuantLinear.keep_dense`): in `dtype` (the
+    activations', by default) or float32, whichever measured faster; a layer with its own output dtype (the fp32
+    head) in that. Returns the bytes added. For serving and evaluation, whose batches are many rows; decoding one
+    sequence (generate, chat) does without, keeping the memory saving. A model without quantized layers is left as
+    it is."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.dense is None]
+    if not layers:
+        return 0
+    dtype = dtype or model.model.norm.weight.dtype
+    tables = {id(m.source) for m in model.modules() if isinstance(m, QuantEmbedding)} - {id(model.lm_head)}
+    added = 0
+    for m in layers:
+        if id(m) not in tables:  # a table is only read by rows
+            # a head answering fp32 logits keeps them fp32 (no bf16 ties in scoring); others: whichever is faster
+            candidates = (m.out_dtype,) if m.out_dtype else tuple(dict.fromkeys((dtype, torch.float32)))
+            plan = dense_plan(m.spec, m.device, m.kernel, dtype, candidates)
+            if plan is not None:
+                m.keep_dense(*plan)
+                added += m.dense.numel() * m.dense.element_size()
+    return added
 
 
 def quantized_bytes(model: nn.Module) -> int:

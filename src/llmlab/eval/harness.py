@@ -7,7 +7,8 @@ lm-evaluation-harness (0.4.x) finds models in its own registry and has no plugin
 is available to it once the module that registers it has been imported: `python -m llmlab.eval.harness` imports
 this module and then runs the harness's own command line with the same arguments; from Python,
 `import llmlab.eval.harness` before `lm_eval.simple_evaluate(model="llmlab", ...)`. Model arguments: ckpt (required),
-adapter, dtype, max_gen_toks; batch size and device come from the harness's own --batch_size and --device.
+adapter, dtype, quantize (as `llmlab evaluate`'s options), max_gen_toks; batch size and device come from the
+harness's own --batch_size and --device.
 
 Scoring goes through `llmlab.eval.runner.TextModel`, the same code `llmlab evaluate` uses; the harness's requests
 map onto it one to one (loglikelihood, loglikelihood_rolling, generate_until).
@@ -33,8 +34,8 @@ class LLMLabLM(LM):
     """An llmlab checkpoint as an lm-evaluation-harness `LM`."""
 
     def __init__(self, ckpt: str | None = None, adapter: str | None = None, batch_size: int | str = 8,
-                 device: str | None = None, dtype: str = "auto", max_gen_toks: int | str = 256,
-                 text_model: TextModel | None = None, **unused: Any) -> None:
+                 device: str | None = None, dtype: str = "auto", quantize: str = "auto",
+                 max_gen_toks: int | str = 256, text_model: TextModel | None = None, **unused: Any) -> None:
         super().__init__()
         if text_model is None:
             if not ckpt:
@@ -44,7 +45,8 @@ class LLMLabLM(LM):
                 print(f"llmlab: --device {device} is not available here; using cpu", file=sys.stderr)
                 device = "cpu"
             model, tokenizer, gen_config = load_for_inference(ckpt, [adapter] if adapter else [],
-                                                              device=device or "auto", dtype=dtype)
+                                                              device=device or "auto", dtype=dtype,
+                                                              quantize=quantize)
             size = int(batch_size) if str(batch_size).isdigit() else 8  # the harness's "auto" -> our default
             text_model = TextModel(model, tokenizer, eos_token_ids(tokenizer, gen_config), batch_size=size)
         self.lm = text_model

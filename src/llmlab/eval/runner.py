@@ -27,6 +27,7 @@ from llmlab.eval.sandbox import SandboxLimits, check, describe, run_program
 from llmlab.eval.taskfile import Task, render
 from llmlab.generate import SamplingParams, generate
 from llmlab.model import LLaMA
+from llmlab.quantized import keep_dense_copies
 from llmlab.tokenizer import Tokenizer
 
 
@@ -36,6 +37,8 @@ class TextModel:
     def __init__(self, model: LLaMA, tokenizer: Tokenizer, eos_ids: set[int] | None = None, batch_size: int = 8,
                  max_batch_tokens: int = 4096, progress: bool = True) -> None:
         self.model, self.tokenizer = model.eval(), tokenizer
+        with torch.inference_mode():  # scoring batches are many rows: a quantized model's dense GEMM where faster
+            keep_dense_copies(self.model)
         self.eos_ids = eos_ids if eos_ids is not None else ({tokenizer.eos_id} if tokenizer.eos_id is not None
                                                             else set())
         self.batch_size, self.max_batch_tokens, self.show_progress = batch_size, max_batch_tokens, progress

@@ -56,9 +56,11 @@ def default_allowed_hosts(bind_host: str) -> list[str]:
 
 
 def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | None = None, max_batch: int = 16,
-                max_seq_len: int = 2048, queue_size: int = 64, dtype: str = "auto", device: str = "auto") -> Any:
-    """Load CHECKPOINT and its LoRA adapters and start an `Engine` on them; returns (engine, tokenizer)."""
-    model, tokenizer, gen_config = load_for_inference(checkpoint, device=device, dtype=dtype)
+                max_seq_len: int = 2048, queue_size: int = 64, dtype: str = "auto", quantize: str = "auto",
+                device: str = "auto") -> Any:
+    """Load CHECKPOINT (`load_for_inference`'s weights, dtype and device choices) and its LoRA adapters and start an
+    `Engine` on them; returns (engine, tokenizer)."""
+    model, tokenizer, gen_config = load_for_inference(checkpoint, device=device, dtype=dtype, quantize=quantize)
     multi = None
     if adapters:
         multi = MultiLoRA(model)

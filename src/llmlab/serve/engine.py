@@ -32,6 +32,11 @@ are needed), and `max_tokens` may be 0 (score the prompt, generate nothing). Bot
 log-probabilities, an fp32 log-softmax of its logits before temperature, top-p or a grammar, computed by
 `llmlab.eval.scoring.token_logprobs`, the function `llmlab evaluate` scores with.
 
+The model may hold quantized weights (a GGUF's blocks, `llmlab.quantized`, what `llmlab serve` runs by default):
+the engine then gives each projection a dense copy where the dense GEMM measured faster on a batch
+(`quantized.keep_dense_copies`), so a prefill or a step of many rows runs the dense GEMM and one row keeps the
+quantized kernel; LoRA adapters apply on top of either.
+
 Adapters can be loaded and unloaded while the engine runs (`load_adapter`, `unload_adapter`): the files are read
 and checked on the caller's thread, and the engine pauses between two steps only to put the weights in place. An
 unloaded adapter is refused to new requests at once; its weights go when the last request using it (running or
@@ -57,6 +62,7 @@ from llmlab.errors import LLMLabError
 from llmlab.eval.scoring import TokenScores, token_logprobs
 from llmlab.generate import LogitsProcessor, SamplingParams, TextStream, sample
 from llmlab.model import LLaMA
+from llmlab.quantized import keep_dense_copies
 from llmlab.tokenizer import Tokenizer
 
 log = logging.getLogger("llmlab.serve")
@@ -163,6 +169,9 @@ class Engine:
         self.device = model.device
         with torch.inference_mode():
             self.cache = model.setup_cache(max_batch, max_seq_len)
+            added = keep_dense_copies(model)  # a quantized model's batches: the dense GEMM where it is faster
+        if added:
+            log.info("dense copies of the quantized weights for batches: %.0f MB", added / 2**20)
         self.lock = threading.Lock()  # held for each scheduling round; holding it pauses the engine between steps
         self._cv = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()

@@ -10,9 +10,11 @@ distinct adapter in the batch, not per row, and no weight is copied per step.
 
 Adapters are read with `llmlab.methods.lora.read_adapter` and checked against the base model with
 `llmlab.methods.adapters.check_base`, so what `llmlab finetune --method lora` or PEFT writes serves as is. The base
-weights are never changed. Loading is two steps, `stage` (read and check the files, build the matrices: slow, changes
-nothing) and `install` (put them in place: quick), so a server loads an adapter while it runs and pauses only for the
-second; `remove` takes one out (and puts a projection no adapter targets any more back as the plain nn.Linear).
+weights are never changed, and may be quantized (a GGUF's blocks, `llmlab.quantized`): the updates are computed in
+the activations' dtype beside the base's own product, never merged into it. Loading is two steps, `stage` (read and
+check the files, build the matrices: slow, changes nothing) and `install` (put them in place: quick), so a server
+loads an adapter while it runs and pauses only for the second; `remove` takes one out (and puts a projection no
+adapter targets any more back as the layer it was).
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from llmlab.methods.lora import lora_scale, read_adapter, target_rows
 
 
 class MultiLoRALinear(nn.Module):
-    """nn.Linear plus any number of named LoRA updates, applied to the rows `groups` assigns them."""
+    """A linear layer (nn.Linear, or a quantized `QuantLinear` / `FusedQuantLinear` kept in its blocks) plus any number
+    of named LoRA updates, applied to the rows `groups` assigns them."""
 
-    def __init__(self, base: nn.Linear) -> None:
+    def __init__(self, base: nn.Module) -> None:
         super().__init__()
         self.base = base
         self.A: dict[str, Tensor] = {}  # name -> (sum of ranks, in)
@@ -92,9 +95,9 @@ class MultiLoRA:
                                   f"layer beyond the model's {len(layers)})")
             per_module.setdefault(prefix, []).append((target, a, b))
         staged = []
+        dev, dt = self.model.device, self.model.dtype  # the activations' (a quantized base has no float weight)
         for path, parts in per_module.items():
             linear = self._base_linear(path)
-            dev, dt = linear.weight.device, linear.weight.dtype
             A = torch.cat([a for _, a, _ in parts]).to(dev, dt)
             B = torch.zeros(linear.out_features, A.shape[0], device=dev, dtype=dt)
             col = 0
@@ -132,7 +135,7 @@ class MultiLoRA:
                 del self.modules[path]
         self.names.remove(name)
 
-    def _base_linear(self, path: str) -> nn.Linear:
+    def _base_linear(self, path: str) -> nn.Module:
         module = self.modules.get(path) or self.model.get_submodule(path)
         return module.base if isinstance(module, MultiLoRALinear) else module
 
@@ -152,7 +155,7 @@ class MultiLoRA:
             raise LLMLabError(f"unknown adapter(s) {sorted(unknown)}; loaded: {self.names}")
         groups: list[tuple[str, Tensor | None]] = []
         present = dict.fromkeys(a for a in row_adapters if a is not None)
-        device = self.model.lm_head.weight.device
+        device = self.model.device
         for name in present:
             if all(a == name for a in row_adapters):
                 groups.append((name, None))
