@@ -197,7 +197,7 @@ def _saved_bytes(model: LLaMA, ids: torch.Tensor, autocast: bool) -> int:
     return sum(saved.values())
 
 
-def test_activation_estimate_matches_what_autograd_saves():
+def test_activation_estimate_matches_what_autograd_saves(monkeypatch):
     config = ModelConfig(name="t", vocab_size=300, hidden_size=128, intermediate_size=352, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
@@ -206,7 +206,11 @@ def test_activation_estimate_matches_what_autograd_saves():
     measured = _saved_bytes(model, ids, autocast=True)
     assert measured == pytest.approx(activation_bytes(config, 32, 2) + autocast_weight_copies(config), rel=0.03)
     model = LLaMA(config).to(torch.bfloat16).train()  # a bf16 base, as LoRA trains
-    measured = _saved_bytes(model, ids, autocast=False)
+    # the estimate has attention in the compute dtype, as on a GPU; on a CPU, bf16 training over short rows runs
+    # attention in fp32 (model.CPU_FP32_ATTENTION_BELOW), which keeps fp32 copies of q, k and v besides
+    with monkeypatch.context() as m:
+        m.setattr("llmlab.model.CPU_FP32_ATTENTION_BELOW", 0)
+        measured = _saved_bytes(model, ids, autocast=False)
     assert measured == pytest.approx(activation_bytes(config, 32, 2, fp32_weights=False), rel=0.03)
     model = LLaMA(config).train()
     model.gradient_checkpointing = True  # the forward keeps block inputs; one block is recomputed at a time later
@@ -214,7 +218,10 @@ def test_activation_estimate_matches_what_autograd_saves():
     one_block = activation_bytes(config, 32, 2) - activation_bytes(replace(config, num_hidden_layers=1), 32, 2)
     head_copy = 2 * config.vocab_size * config.hidden_size  # the blocks' bf16 weight copies come with the recompute
     expected = activation_bytes(config, 32, 2, checkpointing=True) - one_block + head_copy
-    assert measured == pytest.approx(expected, rel=0.03)
+    # RoPE's cos/sin (fp32) reach the checkpointed blocks inside the prepared AttnInputs, not as tensor arguments, so
+    # the saved-tensor hooks no longer see them; they are held all the same (the estimate counts them once)
+    rope_tables = 2 * 32 * config.head_dim * 4
+    assert measured + rope_tables == pytest.approx(expected, rel=0.03)
 
 
 def test_qlora_fits_65b_on_one_48gb_gpu():

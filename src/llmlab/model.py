@@ -212,6 +212,9 @@ def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return y.to(v.dtype).reshape(B, n_head, 1, head_dim)
 
 
+CPU_FP32_ATTENTION_BELOW = 512  # CPU bf16 training: attention over fewer positions runs in fp32 (module docstring)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cached: bool) -> Tensor:
     """softmax(q k^T / sqrt(d)) v with GQA, q: (B, n_head, T, head_dim), k, v: (B, n_kv, S, head_dim); `mask` None
     is causal. One query over a cache on the CPU in bf16/fp16 takes `attend_one` (see the module docstring)."""
@@ -224,7 +227,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, cached: bool
         v = v.repeat_interleave(n_head // n_kv, dim=1)
     gqa = {"enable_gqa": True} if n_kv != n_head and _SDPA_HAS_GQA else {}
     dtype = q.dtype
-    if dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(2) < 512 and torch.is_grad_enabled():
+    if (dtype == torch.bfloat16 and q.device.type == "cpu" and q.size(2) < CPU_FP32_ATTENTION_BELOW
+            and torch.is_grad_enabled()):
         q, k, v = q.float(), k.float(), v.float()  # CPU training on short rows (see the module docstring)
         mask = mask.float() if mask is not None and mask.is_floating_point() else mask
         with torch.autocast("cpu", enabled=False):  # autocast would cast them back to bf16
