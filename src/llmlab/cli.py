@@ -441,7 +441,8 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
           max_seq_len: int = 2048, dtype: str = "auto", device: str = "auto", index: Path | None = None,
-          allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False) -> None:
+          allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False,
+          draft: Path | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, responses, embeddings,
     streaming) with a chat page.
 
@@ -470,6 +471,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
             loopback address, any otherwise.
         allow_adapter_loading: Let clients with the API key load and unload LoRA adapters while the server runs
             (POST /v1/load_lora_adapter with a folder on this machine, /v1/unload_lora_adapter); needs --api-key.
+        draft: Speculative decoding with a draft model: not supported by serve yet (generate and chat take it).
     """
     import os
 
@@ -480,6 +482,9 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
     if not 1 <= port <= 65535:
         raise LLMLabError(f"--port must be a TCP port from 1 to 65535, got {port}")
+    if draft is not None:
+        raise LLMLabError("--draft (speculative decoding) is not supported by serve yet; `llmlab generate` and "
+                          "`llmlab chat` take it")
     adapters = parse_adapters(adapter)
     engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
                                     queue_size=queue_size, dtype=dtype, device=device)
