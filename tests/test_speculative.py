@@ -226,11 +226,11 @@ def test_default_model_with_its_every_other_layer_student_decodes_the_same_text(
     model, tok, _ = load_for_inference(default_ckpt, device="cpu", dtype="float32")
     student = student_from_teacher(model, parse_layers("every-other", model.config.num_hidden_layers)).eval()
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
-    plain = generate(model, tok, [prompt], 48)[0]
+    plain = generate(model, tok, [prompt], 40, eos_ids=[])[0]  # past the answer's end: longer than one round
     draft = Draft(student, 4)
-    spec = generate(model, tok, [prompt], 48, draft=draft)[0]
-    assert (spec.text, spec.token_ids) == (plain.text, plain.token_ids)
-    assert draft.stats.accepted > 0
+    spec = generate(model, tok, [prompt], 40, eos_ids=[], draft=draft)[0]
+    assert (spec.text, spec.token_ids) == (plain.text, plain.token_ids) and len(plain.token_ids) == 40
+    assert draft.stats.verifies > 5  # (untrained, the student is seldom right: this checks the output, not speed)
 
 
 def test_cli_serve_draft_is_a_clear_error(ckpts, capsys):
