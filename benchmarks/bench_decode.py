@@ -11,6 +11,11 @@ in bf16), int8 / int4 (the float checkpoint quantized at load time). `--breakdow
 llmlab variant and splits a token's time into weight matmuls, attention and the rest; `--memory` runs each variant
 in a fresh process (load, then 32 generated tokens) and reports its peak resident memory.
 
+`--draft CKPT` adds a speculative-decoding row (`llmlab.speculative`) for each compiled variant: the draft (a folder,
+quantized at load like the variant (`--draft-quantize`), or a GGUF file) proposes `--draft-tokens` per check; the
+row reports tokens/s, the share of drafted tokens kept, kept drafts per verifying forward and whether the text is
+token for token the variant's own greedy text. The natural draft: `llmlab distill --student-layers every-other`.
+
     python benchmarks/bench_decode.py --ckpt checkpoints/smollm2-135m-instruct --variants float32,gguf+compile
 """
 
@@ -30,6 +35,7 @@ from llmlab.generate import generate_tokens
 from llmlab.loading import load_for_inference
 from llmlab.model import LLaMA
 from llmlab.quantized import quantized_bytes
+from llmlab.speculative import Draft
 from llmlab.tokenizer import Tokenizer
 
 WEIGHTS = ("float32", "bfloat16", "gguf", "int8", "int4")
@@ -63,12 +69,32 @@ def perplexity(model: LLaMA, ids: list[int]) -> float:
     return math.exp(nll.item())
 
 
-def time_llmlab(model: LLaMA, prompt: list[int], n: int, compile: bool = False) -> float:
+def time_llmlab(model: LLaMA, prompt: list[int], n: int, compile: bool = False, draft: Draft | None = None,
+                tokens: list[int] | None = None) -> float:
+    """Tokens/s of one greedy generation of exactly n tokens (EOS ignored); its tokens go into `tokens`."""
+    out = [] if tokens is None else tokens
     t0 = time.perf_counter()
-    steps = sum(1 for _ in generate_tokens(model, [prompt], n, compile=compile))
+    out.extend(step[0] for step in generate_tokens(model, [prompt], n, compile=compile, draft=draft))
     dt = time.perf_counter() - t0
-    assert steps == n, f"generated {steps} tokens, expected {n}"
+    assert len(out) == n, f"generated {len(out)} tokens, expected {n}"
     return n / dt
+
+
+def load_draft_for(variant: str, path: Path, target: LLaMA, tok: Tokenizer, k: int, quantize: str) -> Draft:
+    """The draft of a variant's speculative row: a GGUF as it is, a folder in the variant's dtype, quantized by
+    `quantize` (auto: int4 when the variant's weights are quantized)."""
+    from llmlab.speculative import load_draft
+
+    weights = variant.removesuffix("+compile")
+    dtype = "float32" if weights == "float32" else "bfloat16"
+    if quantize == "auto":
+        quantize = "int4" if weights in ("gguf", "int8", "int4") else "none"
+    if path.is_file() or quantize == "none":
+        return load_draft(path, target, tok, k, dtype=dtype)
+    model = load_for_inference(path, device="cpu", dtype=dtype, quantize=quantize)[0]
+    draft = Draft(model, k)
+    draft.check(target)
+    return draft
 
 
 def load_variant(weights: str, ckpt: Path, gguf: Path | None) -> LLaMA:
@@ -150,6 +176,11 @@ def main() -> None:
     ap.add_argument("--breakdown", action="store_true", help="split each llmlab variant's token time (profiled)")
     ap.add_argument("--memory", action="store_true", help="peak resident memory of each llmlab variant, own process")
     ap.add_argument("--no-hf", action="store_true", help="skip HF transformers (ratios are then vs the first variant)")
+    ap.add_argument("--draft", type=Path, default=None,
+                    help="a draft checkpoint (folder or GGUF): adds a speculative row for each compiled variant")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
+    ap.add_argument("--draft-quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                    help="how a draft folder's weights are held (auto: int4 for quantized variants)")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bad = [v for v in args.variants.split(",") if v.removesuffix("+compile") not in WEIGHTS]
@@ -178,6 +209,17 @@ def main() -> None:
         quality[f"llmlab {variant}"] = perplexity(models[weights], text_ids)
         sizes[f"llmlab {variant}"] = quantized_bytes(models[weights]) / 2**20
 
+    drafts: dict[str, tuple[LLaMA, Draft]] = {}  # speculative row -> (the variant's model, its draft)
+    if args.draft is not None:
+        for variant in args.variants.split(","):
+            if variant.endswith("+compile"):
+                model = models[variant.removesuffix("+compile")]
+                name = f"llmlab {variant} draft k={args.draft_tokens}"
+                drafts[name] = (model, load_draft_for(variant, args.draft, model, tok, args.draft_tokens,
+                                                      args.draft_quantize))
+                engines[name] = model
+                sizes[name] = sizes[f"llmlab {variant}"] + quantized_bytes(drafts[name][1].model) / 2**20
+
     if not args.no_hf:
         import transformers
 
@@ -197,9 +239,15 @@ def main() -> None:
         engines["llama.cpp (GGUF as shipped)"] = llama_cpp.Llama(str(gguf), n_ctx=1024, n_threads=args.threads,
                                                                  verbose=False)
 
+    texts: dict[str, list[int]] = {}  # each llmlab engine's last generated tokens
+
     def run(name: str, engine: object) -> float:
+        if name in drafts:
+            texts[name] = []
+            return time_llmlab(engine, prompt, args.new_tokens, True, drafts[name][1], texts[name])
         if name.startswith("llmlab"):
-            return time_llmlab(engine, prompt, args.new_tokens, compile=name.endswith("+compile"))
+            texts[name] = []
+            return time_llmlab(engine, prompt, args.new_tokens, name.endswith("+compile"), tokens=texts[name])
         if name.startswith("HF"):
             return time_hf(engine, prompt, args.new_tokens)
         t0 = time.perf_counter()
@@ -211,6 +259,8 @@ def main() -> None:
 
     for name, engine in engines.items():  # warm-up (and compilation, for the compiled variant)
         run(name, engine)
+    for _, draft in drafts.values():  # the speculative rows' statistics are those of the timed rounds
+        draft.stats = type(draft.stats)()
     speeds: dict[str, list[float]] = {name: [] for name in engines}
     for _ in range(args.rounds):
         for name, engine in engines.items():
@@ -232,11 +282,25 @@ def main() -> None:
         rel = f"{(ppl / ref_ppl - 1) * 100:+7.2f}%" if ppl and ref_ppl else f"{'-':>8}"
         size = f"{sizes[name]:11.1f}" if name in sizes else f"{'-':>11}"
         print(f"{name:30} {s:9.1f} {s / base_speed:6.2f}x {ppl_s} {rel} {size}")
+    llama_name = "llama.cpp (GGUF as shipped)"
+    if drafts:
+        print(f"\nspeculative decoding, draft {args.draft} (ratios vs the variant without a draft"
+              f"{' and vs llama.cpp' if llama_name in speeds else ''})")
+        print(f"{'engine':36} {'tokens/s':>9} {'vs plain':>9} {'vs llama.cpp':>13} {'kept':>6} {'kept/check':>11} "
+              f"{'same text':>10}")
+        for name, (model, draft) in drafts.items():
+            plain = name.rsplit(" draft", 1)[0]
+            s = statistics.median(speeds[name])
+            vs_llama = f"{s / statistics.median(speeds[llama_name]):12.2f}x" if llama_name in speeds else f"{'-':>13}"
+            st = draft.stats
+            same = "yes" if texts[name] == texts[plain] else "no"
+            print(f"{name:36} {s:9.1f} {s / statistics.median(speeds[plain]):8.2f}x {vs_llama} "
+                  f"{st.acceptance_rate:6.0%} {st.accepted_per_verify:11.2f} {same:>10}")
     if args.breakdown:
         print(f"\nper decode token, ms (profiled; {args.threads} threads)")
         print(f"{'engine':30} {'total':>7} {'matmul':>7} {'attention':>10} {'other':>7}")
         for name, engine in engines.items():
-            if name.startswith("llmlab"):
+            if name.startswith("llmlab") and name not in drafts:
                 b = breakdown(engine, prompt, name.endswith("+compile"))
                 print(f"{name:30} {b['total']:7.2f} {b['matmul']:7.2f} {b['attention']:10.2f} {b['other']:7.2f}")
     if args.memory:

@@ -70,7 +70,8 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
              max_new_tokens: int = 256, temperature: float | None = None, top_k: int | None = None,
              top_p: float | None = None, repetition_penalty: float | None = None, seed: int | None = None,
              stop: str | list[str] | None = None, dtype: str = "auto", quantize: str = "auto",
-             device: str = "auto", compile: bool = False, adapter: Path | None = None) -> None:
+             device: str = "auto", compile: bool = False, adapter: Path | None = None, draft: Path | None = None,
+             draft_tokens: int = 4) -> None:
     """Continue a prompt, or answer it as a chat message, streaming the text to stdout as it is generated.
 
     Sampling options left unset come from the checkpoint's generation_config.json (greedy unless it sets
@@ -98,13 +99,18 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
         compile: Wrap the decode step in torch.compile (pays off on GPU after a warm-up).
         adapter: An adapter folder to apply on top of the checkpoint, unmerged: PEFT LoRA (e.g. RUN_DIR/final of
             `llmlab finetune --method lora`) or llmlab bottleneck adapters (`--method adapter`).
+        draft: A smaller checkpoint (folder or GGUF file) with the model's tokenizer that drafts tokens for
+            speculative decoding: the model checks several at once, greedy output stays the same and sampling keeps
+            its distribution; e.g. `llmlab distill --student-layers every-other` of the model (docs/generate.md).
+        draft_tokens: With --draft: tokens the draft proposes per check (1-16).
     """
     from llmlab.generate import stream
 
     if prompt == "":
         raise LLMLabError("--prompt is empty: give the text to continue or the question to answer")
-    model, tokenizer, sampling, eos, stops = _load_for_generation(
-        checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
+    model, tokenizer, sampling, eos, stops, drafter = _load_for_generation(
+        checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter,
+        draft, draft_tokens)
     if chat is None:
         chat = tokenizer.chat_template is not None
     if chat:
@@ -114,10 +120,14 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
         raise LLMLabError("--system needs the chat template; drop --chat false (or --system)")
     else:
         ids = tokenizer.encode(prompt)
-    for piece in stream(model, tokenizer, ids, max_new_tokens, sampling, eos, stops, compile):
+    for piece in stream(model, tokenizer, ids, max_new_tokens, sampling, eos, stops, compile, draft=drafter):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    if drafter is not None:
+        st = drafter.stats
+        print(f"llmlab: draft kept {st.accepted} of {st.proposed} proposed tokens ({st.acceptance_rate:.0%}), "
+              f"{st.accepted_per_verify:.2f} per check", file=sys.stderr)
 
 
 def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256, temperature: float | None = None,
@@ -125,7 +135,8 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
          seed: int | None = None, stop: str | list[str] | None = None, dtype: str = "auto", quantize: str = "auto",
          device: str = "auto", compile: bool = False, adapter: Path | None = None, index: Path | None = None,
          plugins: str | list[str] | None = None, passages: int = 4, context_tokens: int = 1024,
-         max_tool_rounds: int = 3, tool_choice: str = "auto") -> None:
+         max_tool_rounds: int = 3, tool_choice: str = "auto", draft: Path | None = None,
+         draft_tokens: int = 4) -> None:
     """Talk with a model: each input line is a user message, the reply streams back; the history is kept.
 
     With --index, each answer is grounded in the indexed documents: the top passages go into the prompt, the model
@@ -163,12 +174,17 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
         max_tool_rounds: With --plugins: most plug-in calls per message before the model must answer in text.
         tool_choice: With --plugins: auto (the model chooses to call or answer) or required (the first reply to each
             message is a call; small models seldom choose one themselves).
+        draft: A smaller checkpoint (folder or GGUF file) with the model's tokenizer that drafts tokens for
+            speculative decoding: the model checks several at once, greedy output stays the same and sampling keeps
+            its distribution; e.g. `llmlab distill --student-layers every-other` of the model (docs/generate.md).
+        draft_tokens: With --draft: tokens the draft proposes per check (1-16).
     """
     from llmlab.generate import ChatSession
 
-    model, tokenizer, sampling, eos, stops = _load_for_generation(
-        checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter)
-    session = ChatSession(model, tokenizer, system, max_new_tokens, sampling, eos, stops, compile)
+    model, tokenizer, sampling, eos, stops, drafter = _load_for_generation(
+        checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter,
+        draft, draft_tokens)
+    session = ChatSession(model, tokenizer, system, max_new_tokens, sampling, eos, stops, compile, drafter)
     session = _copilot_session(session, index, plugins, passages, context_tokens, max_tool_rounds, tool_choice)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -222,18 +238,28 @@ def _copilot_session(session, index: Path | None, plugins: str | list[str] | Non
 
 def _load_for_generation(checkpoint: Path, dtype: str, quantize: str, device: str, temperature: float | None,
                          top_k: int | None, top_p: float | None, repetition_penalty: float | None, seed: int | None,
-                         stop: str | list[str] | None, adapter: Path | None = None) -> tuple:
-    """Model (with its adapter, if any), tokenizer, sampling parameters, EOS ids and stop strings for
-    `generate` and `chat`."""
+                         stop: str | list[str] | None, adapter: Path | None = None, draft: Path | None = None,
+                         draft_tokens: int = 4) -> tuple:
+    """Model (with its adapter, if any), tokenizer, sampling parameters, EOS ids, stop strings and the speculative
+    decoding draft (None without --draft) for `generate` and `chat`."""
     from llmlab.generate import SamplingParams, eos_token_ids
     from llmlab.loading import load_for_inference
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if draft is not None and not 1 <= draft_tokens <= 16:  # before loading anything
+        raise LLMLabError(f"--draft_tokens must be from 1 to 16, got {draft_tokens}")
     model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device=device,
                                                       dtype=dtype, quantize=quantize)
     sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed)
-    return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops
+    drafter = None
+    if draft is not None:
+        from llmlab.speculative import load_draft
+
+        if not Path(draft).exists():
+            raise LLMLabError(f"--draft {draft}: no such checkpoint folder or GGUF file")
+        drafter = load_draft(draft, model, tokenizer, draft_tokens, dtype=dtype)
+    return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops, drafter
 
 
 def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = None,
@@ -414,8 +440,8 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
     task_list = load_tasks(tasks)
     for t in task_list:
         t.check_data(data_dir)
-    model, tokenizer, sampling, eos, _ = _load_for_generation(checkpoint, dtype, quantize, device, None, None, None,
-                                                              None, seed, None, adapter)
+    model, tokenizer, sampling, eos, _, _ = _load_for_generation(checkpoint, dtype, quantize, device, None, None,
+                                                                 None, None, seed, None, adapter)
     out = out if out is not None else Path("runs/eval") / Path(checkpoint).resolve().name
     lm = TextModel(model, tokenizer, eos, batch_size=batch_size, progress=progress)
     meta = {"checkpoint": str(checkpoint), "adapter": str(adapter) if adapter else None, "data_dir": str(data_dir)}
@@ -428,8 +454,8 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
 def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
           max_seq_len: int = 2048, dtype: str = "auto", quantize: str = "auto", device: str = "auto",
-          index: Path | None = None,
-          allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False) -> None:
+          index: Path | None = None, allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False,
+          draft: Path | None = None) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, responses, embeddings,
     streaming) with a chat page.
 
@@ -462,6 +488,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
             loopback address, any otherwise.
         allow_adapter_loading: Let clients with the API key load and unload LoRA adapters while the server runs
             (POST /v1/load_lora_adapter with a folder on this machine, /v1/unload_lora_adapter); needs --api-key.
+        draft: Speculative decoding with a draft model: not supported by serve yet (generate and chat take it).
     """
     import os
 
@@ -472,6 +499,9 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
     if not 1 <= port <= 65535:
         raise LLMLabError(f"--port must be a TCP port from 1 to 65535, got {port}")
+    if draft is not None:
+        raise LLMLabError("--draft (speculative decoding) is not supported by serve yet; `llmlab generate` and "
+                          "`llmlab chat` take it")
     adapters = parse_adapters(adapter)
     engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
                                     queue_size=queue_size, dtype=dtype, quantize=quantize, device=device)

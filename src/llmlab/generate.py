@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ from torch import Tensor
 from llmlab.errors import LLMLabError
 from llmlab.model import LLaMA
 from llmlab.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from llmlab.speculative import Draft
 
 # -- sampling ----------------------------------------------------------------------------------------
 GREEDY_BELOW = 1e-5  # temperatures this small decode greedily
@@ -104,27 +107,60 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
-           seen: Tensor | None = None) -> Tensor:
-    """Pick the next token of each row from fp32 logits (B, V) -> (B, 1), without a host sync."""
+def sampling_logits(logits: Tensor, params: SamplingParams, seen: Tensor | None = None) -> Tensor:
+    """The logits (B, V) as `params` shape them before the pick: repetition penalty, then (unless greedy)
+    temperature, top-k and top-p. Their softmax is the distribution `sample` draws from (greedy: their argmax)."""
     if params.repetition_penalty != 1.0 and seen is not None:
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
-        return logits.argmax(dim=-1, keepdim=True)
+        return logits
     logits = logits / params.temperature
     if params.top_k:
         logits = top_k_filter(logits, params.top_k)
-    logits = top_p_filter(logits, params.top_p)
-    # inverse-CDF sampling: one uniform per row against the cumulative probabilities (in float64, so even the
-    # smallest probabilities keep their share), and no host sync; ~15x cheaper on a CPU than drawing an exponential
-    # per token for a race (0.06 vs 0.9 ms a row of 49k), which a serving batch pays for every row of every step.
-    # u stays strictly below the total, so the pick is never a filtered token of the flat tail; the clamp keeps rows
-    # whose logits overflowed to NaN (a tiny temperature in bf16) on a valid id, as argmax did.
-    cdf = logits.softmax(dim=-1).double().cumsum_(dim=-1)
+    return top_p_filter(logits, params.top_p)
+
+
+def draw(probs: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """One sample from each row of probabilities (B, V) -> (B, 1), without a host sync.
+
+    Inverse-CDF sampling: one uniform per row against the cumulative probabilities (in float64, so even the smallest
+    probabilities keep their share); ~15x cheaper on a CPU than drawing an exponential per token for a race (0.06 vs
+    0.9 ms a row of 49k), which a serving batch pays for every row of every step. u stays strictly below the total,
+    so the pick is never a filtered token of the flat tail; the clamp keeps rows whose logits overflowed to NaN (a
+    tiny temperature in bf16) on a valid id, as argmax did."""
+    cdf = probs.double().cumsum_(dim=-1)
     total = cdf[..., -1:]
     u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.size(-1) - 1)
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None = None,
+           seen: Tensor | None = None) -> Tensor:
+    """Pick the next token of each row from fp32 logits (B, V) -> (B, 1), without a host sync."""
+    logits = sampling_logits(logits, params, seen)
+    if params.greedy:
+        return logits.argmax(dim=-1, keepdim=True)
+    return draw(logits.softmax(dim=-1), generator)
+
+
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator:
+    """The private RNG of one generation call: seeded by `params.seed`, or freshly at random."""
+    rng = torch.Generator(device=device)
+    if params.seed is None:
+        rng.seed()
+    else:
+        rng.manual_seed(params.seed)
+    return rng
+
+
+def cache_length(model: LLaMA, prompt_len: int, max_new_tokens: int, compile: bool) -> int:
+    """Cache slots for a call: the prompt and the new tokens, rounded up to 256 when compiled (so that calls of
+    similar length share one compiled graph), at most the model's context."""
+    S = prompt_len + max_new_tokens
+    if compile:
+        S = min(model.config.max_position_embeddings, -(-S // 256) * 256)
+    return S
 
 
 # A per-row hook between the model and the sampler: (ids generated so far in this row, logits (V,)) -> logits.
@@ -194,6 +230,44 @@ def _trusting_guards() -> Any:
         return contextlib.nullcontext()
 
 
+class DecodeStep:
+    """Calls one model's decode step (`decode_one_token`, compiled or eager) the way batch-1 speed needs it: the
+    filled part of the mask only (CPU) or its full width (CUDA graphs), without oneDNN for batch-1 bf16, and after
+    the first step without re-evaluating the compiled code's guards. `_Batch` feeds the model through it, and so
+    does speculative decoding's draft (`llmlab.speculative`)."""
+
+    def __init__(self, model: LLaMA, batch_size: int, compile: bool) -> None:
+        device = model.device
+        self.model, self.compiled, self.steps, self.trust_guards = model, compile, 0, True
+        self.decode = _decode_fn(compile, device)
+        self.full_width = compile and device.type != "cpu"  # fixed shapes for CUDA graphs
+        self.native_gemv = device.type == "cpu" and batch_size == 1 and model.dtype == torch.bfloat16
+
+    def __call__(self, token: Tensor, pos: Tensor, position_ids: Tensor, step_mask: Tensor, slot: int) -> Tensor:
+        """Feed `token` (B, 1) at cache slot `pos` (1,) (`slot` on the host) with RoPE `position_ids` (B, 1), keys
+        valid as `step_mask` (B, 1, 1, S) says; the next-token logits (B, V) fp32."""
+        with _without_onednn() if self.native_gemv else contextlib.nullcontext():
+            if not self.compiled:  # eager: attend to the filled slots only
+                logits = self.decode(self.model, token, pos, position_ids, step_mask, slot + 1)
+            else:
+                mask = step_mask if self.full_width else step_mask[..., :slot + 1]
+                if not self.full_width:
+                    torch._dynamo.mark_dynamic(mask, 3)
+                logits = None
+                if self.steps and self.trust_guards:
+                    try:
+                        with _trusting_guards():
+                            logits = self.decode(self.model, token, pos, position_ids, mask)
+                    except RuntimeError as e:  # torch refuses to recompile without guards: evaluate them again
+                        if "skip_guard_eval_unsafe" not in str(e):
+                            raise
+                        self.trust_guards = False
+                if logits is None:
+                    logits = self.decode(self.model, token, pos, position_ids, mask)
+        self.steps += 1
+        return logits
+
+
 class _Batch:
     """The device state of one generation call: cache, key mask, positions, repetition mask, RNG."""
 
@@ -203,9 +277,7 @@ class _Batch:
         self.model, self.params, self.process = model, params, process
         device = model.device
         B, T = len(prompts), max(len(p) for p in prompts)
-        S = T + max_new_tokens
-        if compile:  # round up so that calls of similar length share one compiled graph
-            S = min(model.config.max_position_embeddings, -(-S // 256) * 256)
+        S = cache_length(model, T, max_new_tokens, compile)
         model.setup_cache(B, S)
         n_pad = torch.tensor([T - len(p) for p in prompts], device=device)
         self.tokens = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts], device=device)  # (B, T)
@@ -220,21 +292,14 @@ class _Batch:
         self.step_mask = self.key_valid.view(B, 1, 1, S)  # a view: in-place updates of key_valid show through
         self.pos = torch.tensor([T], device=device)  # cache slot of the token fed next
         self.slot = T  # the same, on the host (for kv_len)
-        self.compiled, self.steps, self.trust_guards = compile, 0, True
-        self.full_width = compile and device.type != "cpu"  # fixed shapes for CUDA graphs
-        self.native_gemv = device.type == "cpu" and B == 1 and model.dtype == torch.bfloat16
+        self.step = DecodeStep(model, B, compile)
         self.position_ids = (T - n_pad)[:, None].clone()  # (B, 1) its RoPE position in each row
         self.seen = None
         if params.repetition_penalty != 1.0:
             self.seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
             for b, p in enumerate(prompts):
                 self.seen[b, p] = True
-        self.rng = torch.Generator(device=device)
-        if params.seed is None:
-            self.rng.seed()
-        else:
-            self.rng.manual_seed(params.seed)
-        self.decode = _decode_fn(compile, device)
+        self.rng = make_generator(params, device)
 
     @torch.inference_mode()
     def first(self) -> Tensor:
@@ -249,27 +314,9 @@ class _Batch:
         if self.seen is not None:
             self.seen.scatter_(1, token, True)
         self.key_valid.index_fill_(1, self.pos, True)
-        with _without_onednn() if self.native_gemv else contextlib.nullcontext():
-            if not self.compiled:  # eager: attend to the filled slots only
-                logits = self.decode(self.model, token, self.pos, self.position_ids, self.step_mask, self.slot + 1)
-            else:
-                mask = self.step_mask if self.full_width else self.step_mask[..., :self.slot + 1]
-                if not self.full_width:
-                    torch._dynamo.mark_dynamic(mask, 3)
-                logits = None
-                if self.steps and self.trust_guards:
-                    try:
-                        with _trusting_guards():
-                            logits = self.decode(self.model, token, self.pos, self.position_ids, mask)
-                    except RuntimeError as e:  # torch refuses to recompile without guards: evaluate them again
-                        if "skip_guard_eval_unsafe" not in str(e):
-                            raise
-                        self.trust_guards = False
-                if logits is None:
-                    logits = self.decode(self.model, token, self.pos, self.position_ids, mask)
+        logits = self.step(token, self.pos, self.position_ids, self.step_mask, self.slot)
         self.pos += 1
         self.slot += 1
-        self.steps += 1
         self.position_ids += 1
         if self.process is not None:
             logits = self.process(logits)
@@ -298,22 +345,30 @@ def check_prompts(prompts: Sequence[Sequence[int]], max_new_tokens: int, context
 def generate_tokens(model: LLaMA, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                     sampling: SamplingParams | None = None, eos_ids: Iterable[int] = (), pad_id: int = 0,
                     should_stop: Callable[[int, int], bool] | None = None, compile: bool = False,
-                    logits_processors: Sequence[LogitsProcessor | None] | None = None) -> Iterator[list[int | None]]:
+                    logits_processors: Sequence[LogitsProcessor | None] | None = None,
+                    draft: Draft | None = None) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token id of each prompt (None for prompts that have finished).
 
     A prompt finishes when it samples an id in `eos_ids` (not yielded), when `should_stop(row, token)` is True
     (that token is yielded first), or after `max_new_tokens`. Prompts are token-id lists of any lengths.
     The model's KV cache is set up for this call and cleared when the generator ends or is closed.
     `logits_processors` (one per prompt, None for none) see each row's generated ids and fp32 logits before sampling.
+    With a `draft` (`llmlab.speculative`) the prompts are decoded one after another by speculative decoding, which
+    yields the same tokens greedily and the same distribution when sampling; logits processors (constrained
+    decoding) need every step's logits, so with them the draft sits out.
     """
     params = sampling or SamplingParams()
     prompts = [list(p) for p in prompts]
     config = model.config
     check_prompts(prompts, max_new_tokens, config.max_position_embeddings, config.vocab_size)
     eos = set(eos_ids)
+    constrained = logits_processors is not None and any(p is not None for p in logits_processors)
+    if draft is not None and not constrained:
+        yield from draft.generate_tokens(model, prompts, max_new_tokens, params, eos, should_stop, compile)
+        return
     generated: list[list[int]] = [[] for _ in prompts]
     process = None
-    if logits_processors is not None and any(p is not None for p in logits_processors):
+    if constrained:
         if len(logits_processors) != len(prompts):
             raise LLMLabError(f"{len(logits_processors)} logits processors for {len(prompts)} prompts")
 
@@ -434,10 +489,11 @@ class Completion:
 
 def generate(model: LLaMA, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int = 256,
              sampling: SamplingParams | None = None, eos_ids: Iterable[int] | None = None, stop: Sequence[str] = (),
-             compile: bool = False) -> list[Completion]:
+             compile: bool = False, draft: Draft | None = None) -> list[Completion]:
     """Generate a continuation of each prompt (token ids) in one batch; the text excludes EOS and stop strings.
 
     `eos_ids` defaults to the tokenizer's EOS token. Token ids include the token that completed a stop string.
+    With a `draft`, speculative decoding (`llmlab.speculative`).
     """
     streams = [TextStream(tokenizer, stop) for _ in prompts]
     ids: list[list[int]] = [[] for _ in prompts]
@@ -448,7 +504,8 @@ def generate(model: LLaMA, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]
         return streams[row].stopped
 
     eos = _default_eos(tokenizer) if eos_ids is None else eos_ids
-    for _ in generate_tokens(model, prompts, max_new_tokens, sampling, eos, _pad_id(tokenizer), on_token, compile):
+    for _ in generate_tokens(model, prompts, max_new_tokens, sampling, eos, _pad_id(tokenizer), on_token, compile,
+                             draft=draft):
         pass
     out = []
     for s, row_ids in zip(streams, ids):
@@ -460,8 +517,10 @@ def generate(model: LLaMA, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]
 
 def stream(model: LLaMA, tokenizer: Tokenizer, prompt: Sequence[int], max_new_tokens: int = 256,
            sampling: SamplingParams | None = None, eos_ids: Iterable[int] | None = None, stop: Sequence[str] = (),
-           compile: bool = False, logits_processor: LogitsProcessor | None = None) -> Iterator[str]:
-    """Generate a continuation of one prompt, yielding printable text pieces as the tokens arrive."""
+           compile: bool = False, logits_processor: LogitsProcessor | None = None,
+           draft: Draft | None = None) -> Iterator[str]:
+    """Generate a continuation of one prompt, yielding printable text pieces as the tokens arrive (with a `draft`,
+    by speculative decoding)."""
     text = TextStream(tokenizer, stop)
     pending: list[str] = []
 
@@ -471,7 +530,7 @@ def stream(model: LLaMA, tokenizer: Tokenizer, prompt: Sequence[int], max_new_to
 
     eos = _default_eos(tokenizer) if eos_ids is None else eos_ids
     for _ in generate_tokens(model, [prompt], max_new_tokens, sampling, eos, _pad_id(tokenizer), on_token, compile,
-                             [logits_processor]):
+                             [logits_processor], draft):
         piece = "".join(pending)
         pending.clear()
         if piece:
@@ -499,13 +558,14 @@ class ChatSession:
 
     def __init__(self, model: LLaMA, tokenizer: Tokenizer, system: str | None = None, max_new_tokens: int = 256,
                  sampling: SamplingParams | None = None, eos_ids: Iterable[int] | None = None,
-                 stop: Sequence[str] = (), compile: bool = False) -> None:
+                 stop: Sequence[str] = (), compile: bool = False, draft: Draft | None = None) -> None:
         if not tokenizer.chat_template:
             raise LLMLabError("this checkpoint's tokenizer has no chat template (tokenizer_config.json "
                               "'chat_template'); use `llmlab generate --chat false` for plain completion")
         self.model, self.tokenizer = model, tokenizer
         self.system = system
         self.max_new_tokens, self.sampling, self.stop, self.compile = max_new_tokens, sampling, stop, compile
+        self.draft = draft  # speculative decoding (llmlab.speculative), or None
         self.eos_ids = _default_eos(tokenizer) if eos_ids is None else set(eos_ids)
         self.messages: list[dict[str, str]] = []
         self.reset()
@@ -523,7 +583,7 @@ class ChatSession:
             ids = self._fit()
             reply = []
             for piece in stream(self.model, self.tokenizer, ids, self.max_new_tokens, self.sampling, self.eos_ids,
-                                self.stop, self.compile, logits_processor):
+                                self.stop, self.compile, logits_processor, self.draft):
                 reply.append(piece)
                 yield piece
             self.messages.append({"role": "assistant", "content": "".join(reply)})
