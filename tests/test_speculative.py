@@ -223,7 +223,7 @@ def test_default_model_with_its_every_other_layer_student_decodes_the_same_text(
     from llmlab.distill_method import parse_layers, student_from_teacher
     from llmlab.loading import load_for_inference
 
-    model, tok, _ = load_for_inference(default_ckpt, device="cpu", dtype="float32")
+    model, tok, _ = load_for_inference(default_ckpt, device="cpu", dtype="float32", quantize="none")
     student = student_from_teacher(model, parse_layers("every-other", model.config.num_hidden_layers)).eval()
     prompt = tok.encode_chat([{"role": "user", "content": "What is the capital of France? Answer in one sentence."}])
     plain = generate(model, tok, [prompt], 40, eos_ids=[])[0]  # past the answer's end: longer than one round
