@@ -113,6 +113,8 @@ def test_bad_response_formats_are_400_naming_the_field(client):
         return _error(lambda: client.chat.completions.create(model="m", messages=ASK, response_format=fmt))
 
     cases = [({"type": "xml"}, "response_format", "type must be one of"),
+             ({"type": []}, "response_format", "type must be one of"),  # unhashable: was a 500 (found by fuzzing)
+             ({"type": {"a": 1}}, "response_format", "type must be one of"),
              ({"type": "json_schema"}, "response_format.json_schema", "Field required"),
              ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.json_schema.schema",
               "is required"),

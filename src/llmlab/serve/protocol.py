@@ -169,7 +169,8 @@ def _format_union(*models: type[BaseModel]) -> Any:
     tags = {m.model_fields["type"].annotation.__args__[0]: m.__name__ for m in models}
 
     def tag(value: Any) -> str | None:
-        return tags.get(value.get("type")) if isinstance(value, dict) else None
+        kind = value.get("type") if isinstance(value, dict) else None
+        return tags.get(kind) if isinstance(kind, str) else None  # a list or dict there is no member (and unhashable)
 
     members = tuple(Annotated[m, Tag(m.__name__)] for m in models)
     return Annotated[Union[members], Discriminator(  # noqa: UP007 - a tuple of members needs Union[...]
