@@ -139,7 +139,9 @@ def test_lora_on_a_gguf_file_trains_its_blocks_and_the_adapter_gives_the_same_lo
         base_logits = hf(x).logits
         theirs = peft.PeftModel.from_pretrained(hf, final).eval()(x).logits
     assert (theirs - base_logits).abs().max() > 1e-3  # the adapter changes the logits
-    for kernel, tol in (("dequant", 1e-4), ("auto", 2e-2)):
+    # dequant computes with the exact fp32 weights; auto is whichever kernel this machine measured fastest (int4pack
+    # rounds the activations and scales to bf16 inside, ~2% of the largest logit through a random tiny model)
+    for kernel, tol in (("dequant", 1e-4), ("auto", 5e-2)):
         model, _, _ = load_gguf_quantized(gguf, dtype=torch.float32, kernel=kernel)
         with torch.no_grad():
             ours = load_adapter(model, final)(x)
