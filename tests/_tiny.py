@@ -90,3 +90,15 @@ def record_autocast(monkeypatch, native: bool) -> list:
 
     monkeypatch.setattr(train_module, "setup_precision", spy)
     return chosen
+
+
+def generated_ids(model, prompts, max_new_tokens, **kw) -> list[list[int]]:
+    """The token ids `llmlab.generate.generate_tokens` yields for each prompt (keyword options passed through)."""
+    from llmlab.generate import generate_tokens
+
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in generate_tokens(model, prompts, max_new_tokens, **kw):
+        for row, token in enumerate(step):
+            if token is not None:
+                out[row].append(token)
+    return out

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny import generated_ids as run
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -22,7 +23,6 @@ from llmlab.generate import (
     apply_repetition_penalty,
     eos_token_ids,
     generate,
-    generate_tokens,
     sample,
     stream,
     top_k_filter,
@@ -53,15 +53,6 @@ def tiny_model(vocab_size: int = 256, seed: int = 0, **overrides):
     model = build_model(ModelConfig.from_name("tiny", vocab_size=vocab_size, **overrides))
     model.init_weights(std=0.1)  # peakier logits than the default init: no near-ties for greedy to flip on
     return model.eval()
-
-
-def run(model, prompts, max_new_tokens, **kw) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_tokens(model, prompts, max_new_tokens, **kw):
-        for row, token in enumerate(step):
-            if token is not None:
-                out[row].append(token)
-    return out
 
 
 def greedy_without_cache(model, prompt: list[int], n: int) -> list[int]:

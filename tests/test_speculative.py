@@ -3,13 +3,14 @@ import math
 
 import pytest
 import torch
+from _tiny import generated_ids as run
 from _tiny import tiny_checkpoint, tiny_tokenizer
 
 from llmlab.checkpoint import save_checkpoint
 from llmlab.cli import main
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
-from llmlab.generate import SamplingParams, generate, generate_tokens, sampling_logits
+from llmlab.generate import SamplingParams, generate, sampling_logits
 from llmlab.model import build_model
 from llmlab.speculative import Draft
 from llmlab.tokenizer import train_bpe_tokenizer
@@ -20,15 +21,6 @@ def tiny_model(vocab_size: int = 256, seed: int = 0, std: float = 0.1, **overrid
     model = build_model(ModelConfig.from_name("tiny", vocab_size=vocab_size, **overrides))
     model.init_weights(std=std)  # peaky logits: no near-ties for greedy decoding to flip on
     return model.eval()
-
-
-def run(model, prompts, max_new_tokens, **kw) -> list[list[int]]:
-    out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_tokens(model, prompts, max_new_tokens, **kw):
-        for row, token in enumerate(step):
-            if token is not None:
-                out[row].append(token)
-    return out
 
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12], [200, 201, 202, 203]]
