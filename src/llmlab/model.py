@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from llmlab import losses
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
-from llmlab.quantized import QuantLinear
+from llmlab.quantized import QuantLinear, compute_dtype
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
 
@@ -387,9 +387,7 @@ class LLaMA(nn.Module):
         if self.fused_loss and type(head) is nn.Linear and head.bias is None:
             return losses.linear_cross_entropy(x, head.weight, labels)
         if self.fused_loss and isinstance(head, QuantLinear) and head.bias is None:  # frozen: dequantized per batch
-            dev = x.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-            return losses.linear_cross_entropy(x, head.dequantize(dtype), labels)
+            return losses.linear_cross_entropy(x, head.dequantize(compute_dtype(x)), labels)
         return losses.next_token_loss(head(x), labels)
 
     def attention_inputs(self, x: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,

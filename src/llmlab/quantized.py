@@ -37,7 +37,7 @@ _CHUNK = 1 << 22  # weights dequantized at a time by the dense (training) path: 
 DENSE_MIN_ROWS = 16  # products of at least this many rows take the dense path when gradients are recorded
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
+def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype a linear layer computes x in: autocast's when it is on for x's device (as nn.Linear), else x's."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
@@ -146,7 +146,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        compute = _compute_dtype(x)
+        compute = compute_dtype(x)
         out_dtype = self.out_dtype or compute
         if self.dense is not None and x2.shape[0] >= self.dense_from and not x.requires_grad:  # an inference batch
             y = F.linear(x2.to(self.dense.dtype), self.dense).to(out_dtype)
