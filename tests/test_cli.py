@@ -1,7 +1,7 @@
-"""The command line: every command's --help documents every option without loading torch; the one pre-parse step
-(dashes, bare bool flags, repeated options, several index paths); output folders and errors: prepare, convert and
-merge replace only their own earlier output (anything else needs --overwrite, and never leaves a half-written
-folder); bad paths and options are one line."""
+"""The command line: every command's --help documents every option without loading torch; bare bool flags and
+repeated options reach the commands (tests/test_argv.py tests the argv rewrite itself); output folders and errors:
+prepare, convert and merge replace only their own earlier output (anything else needs --overwrite, and never leaves
+a half-written folder); bad paths and options are one line."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from _tiny import tiny_checkpoint
 
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
-from llmlab.cli import COMMANDS, main, preparse
+from llmlab.cli import COMMANDS, main
 from llmlab.errors import LLMLabError
 from llmlab.methods import LoRA
 
@@ -184,33 +184,6 @@ def test_help_of_every_command_leaves_torch_unloaded() -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
-
-
-def test_preparse_is_the_one_rewrite_of_argv() -> None:
-    # dashes in option names, not in values
-    assert preparse(["generate", "C", "--max-new-tokens", "3", "--prompt", "--a-b", "--system=x-y"]) == \
-        ["generate", "C", "--max_new_tokens", "3", "--prompt", "--a-b", "--system=x-y"]
-    # a bare bool option is true, in option groups too; an explicit value still works; bool | None too
-    assert preparse(["finetune", "C", "--pack", "--train.activation-checkpointing", "--lora.rslora", "false",
-                     "--data", "d", "--train.compile", "--out", "o"]) == \
-        ["finetune", "C", "--pack=true", "--train.activation_checkpointing=true", "--lora.rslora=false", "--data",
-         "d", "--train.compile=true", "--out", "o"]
-    assert preparse(["generate", "--chat", "C", "--compile", "No", "--prompt", "p"]) == \
-        ["generate", "--chat=true", "C", "--compile=No", "--prompt", "p"]
-    assert preparse(["prepare", "c.txt", "--overwrite=false", "--out", "o"]) == \
-        ["prepare", "c.txt", "--overwrite=false", "--out", "o"]
-    # a repeated list option appends
-    assert preparse(["serve", "C", "--adapter", "a=x", "--adapter=b=y"]) == \
-        ["serve", "C", "--adapter+", "a=x", "--adapter+=b=y"]
-    assert preparse(["serve", "C", "--allowed-hosts", "a.example", "--allowed-hosts", "b.example"]) == \
-        ["serve", "C", "--allowed_hosts+", "a.example", "--allowed_hosts+", "b.example"]
-    # a command's one-letter options
-    assert preparse(["search", "I", "q", "-k", "3"]) == ["search", "I", "q", "--k", "3"]
-    # several index paths are one JSON list; an option's value is not a path
-    assert preparse(["index", "a", "--out", "X", "b", "--progress"]) == \
-        ["index", '["a", "b"]', "--out", "X", "--progress=true"]
-    assert preparse(["index", "a", "--out", "X"]) == ["index", "a", "--out", "X"]
-    assert preparse(["--help"]) == ["--help"] and preparse([]) == []
 
 
 def test_bare_bool_flag_means_true(inputs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -15,7 +15,7 @@ from llmlab.args import BottleneckConfig, LoRAConfig
 from llmlab.checkpoint import load_checkpoint, load_generation_config
 from llmlab.errors import LLMLabError
 from llmlab.gguf_import import import_gguf, kept_gguf
-from llmlab.loading import load_for_inference, weights_source
+from llmlab.loading import load_for_generation, load_for_inference, weights_source
 from llmlab.methods import Bottleneck, LoRA
 from llmlab.methods.adapters import adapter_params
 from llmlab.quantized import QuantLinear
@@ -110,3 +110,19 @@ def test_a_gguf_file_refuses_quantize_int8(imported: tuple[Path, Path]) -> None:
     with pytest.raises(LLMLabError, match=r"--quantize none: .*tiny.gguf is a GGUF file.*llmlab convert"):
         load_for_inference(gguf_file, quantize="none")
     assert _quantized(load_for_inference(gguf_file, device="cpu")[0])
+
+
+def test_load_for_generation_gathers_what_a_command_needs(ckpt: Path, tmp_path: Path) -> None:
+    model, tokenizer, sampling, eos, stops, drafter = load_for_generation(
+        ckpt, "float32", "none", "cpu", temperature=0.5, top_k=3, top_p=None, repetition_penalty=None, seed=7,
+        stop="END")
+    assert isinstance(model, torch.nn.Module) and tokenizer.vocab_size > 0 and drafter is None
+    assert (sampling.temperature, sampling.top_k, sampling.seed) == (0.5, 3, 7)
+    assert stops == ["END"] and eos
+    # a bad --draft_tokens is refused before the (missing) checkpoint is looked at
+    with pytest.raises(LLMLabError, match="--draft_tokens must be from 1 to 16, got 17"):
+        load_for_generation(tmp_path / "missing", "auto", "auto", "cpu", None, None, None, None, None, None,
+                            draft=tmp_path / "draft", draft_tokens=17)
+    with pytest.raises(LLMLabError, match="--draft .*no such checkpoint"):
+        load_for_generation(ckpt, "float32", "none", "cpu", None, None, None, None, None, None,
+                            draft=tmp_path / "draft")

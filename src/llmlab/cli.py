@@ -13,8 +13,8 @@ read a signature it must import the function's module. So every module in the ta
 cli.py and the three command modules import torch-heavy code inside the command functions (that is why those
 imports are local), and tests/test_cli.py checks that `--help` of every command leaves torch unloaded.
 
-`preparse` is the one step that rewrites argv before jsonargparse sees it (dashes in option names, bare bool
-flags, repeated `--adapter`, several `index` paths).
+`llmlab.argv.preparse` is the one step that rewrites argv before jsonargparse sees it (dashes in option names,
+bare bool flags, repeated `--adapter`, several `index` paths).
 """
 
 from __future__ import annotations
@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from dataclasses import is_dataclass
 from pathlib import Path
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 from jsonargparse import CLI
 
+from llmlab.argv import preparse
 from llmlab.distill import distill
 from llmlab.errors import LLMLabError
 from llmlab.finetune import finetune
@@ -105,10 +104,11 @@ def generate(checkpoint: Path, *, prompt: str, chat: bool | None = None, system:
         draft_tokens: With --draft: tokens the draft proposes per check (1-16).
     """
     from llmlab.generate import stream
+    from llmlab.loading import load_for_generation
 
     if prompt == "":
         raise LLMLabError("--prompt is empty: give the text to continue or the question to answer")
-    model, tokenizer, sampling, eos, stops, drafter = _load_for_generation(
+    model, tokenizer, sampling, eos, stops, drafter = load_for_generation(
         checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter,
         draft, draft_tokens)
     if chat is None:
@@ -180,8 +180,9 @@ def chat(checkpoint: Path, system: str | None = None, max_new_tokens: int = 256,
         draft_tokens: With --draft: tokens the draft proposes per check (1-16).
     """
     from llmlab.generate import ChatSession
+    from llmlab.loading import load_for_generation
 
-    model, tokenizer, sampling, eos, stops, drafter = _load_for_generation(
+    model, tokenizer, sampling, eos, stops, drafter = load_for_generation(
         checkpoint, dtype, quantize, device, temperature, top_k, top_p, repetition_penalty, seed, stop, adapter,
         draft, draft_tokens)
     session = ChatSession(model, tokenizer, system, max_new_tokens, sampling, eos, stops, compile, drafter)
@@ -234,32 +235,6 @@ def _copilot_session(session, index: Path | None, plugins: str | list[str] | Non
 
         return GroundedChat(session, open_index(index), passages, context_tokens)
     return session
-
-
-def _load_for_generation(checkpoint: Path, dtype: str, quantize: str, device: str, temperature: float | None,
-                         top_k: int | None, top_p: float | None, repetition_penalty: float | None, seed: int | None,
-                         stop: str | list[str] | None, adapter: Path | None = None, draft: Path | None = None,
-                         draft_tokens: int = 4) -> tuple:
-    """Model (with its adapter, if any), tokenizer, sampling parameters, EOS ids, stop strings and the speculative
-    decoding draft (None without --draft) for `generate` and `chat`."""
-    from llmlab.generate import SamplingParams, eos_token_ids
-    from llmlab.loading import load_for_inference
-
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if draft is not None and not 1 <= draft_tokens <= 16:  # before loading anything
-        raise LLMLabError(f"--draft_tokens must be from 1 to 16, got {draft_tokens}")
-    model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device=device,
-                                                      dtype=dtype, quantize=quantize)
-    sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                     repetition_penalty=repetition_penalty, seed=seed)
-    drafter = None
-    if draft is not None:
-        from llmlab.speculative import load_draft
-
-        if not Path(draft).exists():
-            raise LLMLabError(f"--draft {draft}: no such checkpoint folder or GGUF file")
-        drafter = load_draft(draft, model, tokenizer, draft_tokens, dtype=dtype)
-    return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops, drafter
 
 
 def prepare(corpus: Path | list[Path], *, out: Path, tokenizer: Path | None = None,
@@ -436,11 +411,12 @@ def evaluate(checkpoint: Path, *, tasks: str | list[str], adapter: Path | None =
         progress: Show progress bars on stderr.
     """
     from llmlab.eval import TextModel, evaluate_tasks, format_table, load_tasks
+    from llmlab.loading import load_for_generation
 
     task_list = load_tasks(tasks)
     for t in task_list:
         t.check_data(data_dir)
-    model, tokenizer, sampling, eos, _, _ = _load_for_generation(checkpoint, dtype, quantize, device, None, None,
+    model, tokenizer, sampling, eos, _, _ = load_for_generation(checkpoint, dtype, quantize, device, None, None,
                                                                  None, None, seed, None, adapter)
     out = out if out is not None else Path("runs/eval") / Path(checkpoint).resolve().name
     lm = TextModel(model, tokenizer, eos, batch_size=batch_size, progress=progress)
@@ -598,75 +574,10 @@ COMMANDS: dict[str, Callable[..., Any]] = {
     "search": search,
 }
 
-_REPEATABLE = {"serve": ("--adapter", "--allowed_hosts")}  # list options a repeated flag extends, not replaces
-_SHORT_OPTIONS = {"search": {"-k": "--k"}}  # one-letter options some commands accept
-_PATH_LISTS = ("index",)  # commands whose one positional takes several paths
-_BOOL_WORDS = ("true", "false", "yes", "no", "on", "off", "null")  # what jsonargparse reads as a bool (or None)
-
-
-def preparse(argv: list[str]) -> list[str]:
-    """The command line as typed -> the one jsonargparse parses; every rewrite of argv happens here.
-
-    - `--max-new-tokens` works as well as jsonargparse's `--max_new_tokens`: dashes in option names (before any
-      `=`) become underscores; values are untouched.
-    - A bool option given bare (`--overwrite`, `--pack`, `--train.compile`) means true; `--overwrite false` (or
-      `=false`) still works. Which options are bools is read from the command's signature and option groups.
-    - `serve --adapter A --adapter B` serves both: a repeated list option appends (jsonargparse's `--adapter+`)
-      instead of the last one silently winning.
-    - `index a b c --out X`: several positional paths become one JSON list (jsonargparse reads one value per
-      positional).
-    - `search INDEX "question" -k 3`: a command's one-letter options become their long names.
-    """
-    command = argv[0] if argv and argv[0] in COMMANDS else None
-    if command in _SHORT_OPTIONS:
-        argv = [command, *(_SHORT_OPTIONS[command].get(arg, arg) for arg in argv[1:])]
-    bools = _bool_options(COMMANDS[command]) if command else set()
-    repeatable = _REPEATABLE.get(command, ())
-    out, positionals, i = argv[:1] if command else [], [], 1 if command else 0
-    while i < len(argv):
-        arg = argv[i]
-        i += 1
-        if not (arg.startswith("--") and arg[2:3].isalpha()):
-            if not arg.startswith("-"):
-                positionals.append(len(out))
-            out.append(arg)
-            continue
-        name, eq, value = arg.partition("=")
-        name = "--" + name[2:].replace("-", "_")
-        if name in bools and not eq:
-            eq, value = "=", "true"
-            if i < len(argv) and argv[i].lower() in _BOOL_WORDS:
-                value, i = argv[i], i + 1
-        out.append(name + ("+" if name in repeatable else "") + eq + value)
-        if not eq and name not in ("--help", "--print_config") and i < len(argv):  # its value, never a positional
-            out.append(argv[i])
-            i += 1
-    if command in _PATH_LISTS and len(positionals) > 1:
-        paths = json.dumps([out[j] for j in positionals])
-        out = [command, paths, *(a for j, a in enumerate(out[1:], 1) if j not in positionals)]
-    return out
-
-
-def _bool_options(command: Callable[..., Any]) -> set[str]:
-    """The bool options of a command (`--name`, and `--group.field` of its option dataclasses)."""
-    found = set()
-    for name, hint in get_type_hints(command).items():
-        if is_dataclass(hint):
-            found |= {f"--{name}.{field}" for field, h in get_type_hints(hint).items() if _is_bool(h)}
-        elif _is_bool(hint):
-            found.add(f"--{name}")
-    return found
-
-
-def _is_bool(hint: Any) -> bool:
-    """bool, or bool | None."""
-    return hint is bool or (get_origin(hint) in (Union, UnionType) and set(get_args(hint)) == {bool, type(None)})
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand; bad input prints one line `llmlab: error: ...` and exits with status 2."""
     try:
-        args = preparse(sys.argv[1:] if argv is None else argv)
+        args = preparse(sys.argv[1:] if argv is None else argv, COMMANDS)
         CLI(COMMANDS, args=args, as_positional=True, env_prefix="LLMLAB", default_env=False)
     except LLMLabError as e:
         print(f"llmlab: error: {e}", file=sys.stderr)

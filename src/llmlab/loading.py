@@ -1,7 +1,8 @@
 """Loading a checkpoint to run it: the one function (`load_for_inference`) that `generate`, `chat`, `serve`,
 `evaluate` and the lm-evaluation-harness adapter call to get a model on its device in its dtype, with its adapters,
-its tokenizer and its generation config. Training loads through `llmlab.checkpoint.load_checkpoint` instead (its own
-device and precision rules live in `llmlab.train`).
+its tokenizer and its generation config; `load_for_generation` adds what the generate, chat and evaluate commands
+need besides (sampling parameters, EOS ids, stop strings, the speculative-decoding draft). Training loads through
+`llmlab.checkpoint.load_checkpoint` instead (its own device and precision rules live in `llmlab.train`).
 
 It also owns the fast path's defaults, so every command that runs a model gets the same one (`docs/benchmarks.md`
 has the measurements behind them):
@@ -96,3 +97,29 @@ def load_for_inference(path: str | Path, adapters: Sequence[str | Path] = (), *,
     for adapter in adapters:
         load_adapter(model, adapter)
     return model, tokenizer, gen_config
+
+
+def load_for_generation(checkpoint: Path, dtype: str, quantize: str, device: str, temperature: float | None,
+                         top_k: int | None, top_p: float | None, repetition_penalty: float | None, seed: int | None,
+                         stop: str | list[str] | None, adapter: Path | None = None, draft: Path | None = None,
+                         draft_tokens: int = 4) -> tuple:
+    """Model (with its adapter, if any), tokenizer, sampling parameters, EOS ids, stop strings and the speculative
+    decoding draft (None without --draft) for the `generate`, `chat` and `evaluate` commands; a bad
+    --draft_tokens is reported before anything is loaded."""
+    from llmlab.generate import SamplingParams, eos_token_ids
+
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if draft is not None and not 1 <= draft_tokens <= 16:  # before loading anything
+        raise LLMLabError(f"--draft_tokens must be from 1 to 16, got {draft_tokens}")
+    model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device=device,
+                                                      dtype=dtype, quantize=quantize)
+    sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                     repetition_penalty=repetition_penalty, seed=seed)
+    drafter = None
+    if draft is not None:
+        from llmlab.speculative import load_draft
+
+        if not Path(draft).exists():
+            raise LLMLabError(f"--draft {draft}: no such checkpoint folder or GGUF file")
+        drafter = load_draft(draft, model, tokenizer, draft_tokens, dtype=dtype)
+    return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops, drafter
