@@ -3,7 +3,8 @@
 Trains LoRA on the first --train-examples problems of ../shared/data/gsm8k_train.jsonl (question -> the worked
 answer ending in its `#### N` line, rendered with the model's chat template, loss on the answer only) and scores
 the first --test-examples problems of gsm8k_test.jsonl before and after: the number after the model's `####`
-(or, without one, the last number it wrote) must equal the reference's `#### N`. The data stays outside the repo.
+(or, without one, the last number it wrote) must equal the reference's `#### N`, read as `llmlab evaluate` reads
+GSM8K answers (`llmlab.eval.scoring.extract_gsm8k_answer`). The data stays outside the repo.
 
     python benchmarks/gsm8k_lora.py --ckpt checkpoints/smollm2-135m-instruct --out runs/gsm8k-lora
 """
@@ -12,27 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from itertools import islice
 from pathlib import Path
 
+from llmlab.eval.scoring import extract_gsm8k_answer
 from llmlab.jsonl import iter_jsonl
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def final_number(text: str) -> str | None:
-    """The answer a GSM8K solution gives: the number after its last `####`, else its last number (commas dropped)."""
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    found = NUMBER.findall(tail)
-    if not found:
-        return None
-    value = found[0] if "####" in text else found[-1]
-    number = float(value.replace(",", ""))
-    return str(int(number)) if number.is_integer() else str(number)
 
 
 def read_jsonl(path: Path, n: int) -> list[dict]:
@@ -55,7 +44,7 @@ def exact_match(ckpt: Path, problems: list[dict], adapter: Path | None, max_new_
                        eos_token_ids(tokenizer, gen_config))
         texts += [c.text for c in out]
         print(f"  scored {len(texts)}/{len(problems)}", file=sys.stderr, flush=True)
-    hits = sum(final_number(t) == final_number(p["answer"]) for t, p in zip(texts, problems))
+    hits = sum(extract_gsm8k_answer(t) == extract_gsm8k_answer(p["answer"]) for t, p in zip(texts, problems))
     return hits / len(problems), texts
 
 

@@ -132,6 +132,8 @@ def test_normalize_answer():
     ("First 3, then 4, so 7.", "7"),
     ("I do not know.", None),
     ("The answer: ####12 and then 5", "12"),  # the marked number wins over a later one
+    ("#### $18.00", "18"),
+    ("It costs 2.5 dollars", "2.5"),
 ])
 def test_gsm8k_answer_extraction(text, answer):
     assert extract_gsm8k_answer(text) == answer
