@@ -21,3 +21,11 @@ def default_ckpt() -> Path:
     from llmlab.hub import ensure_default_model
 
     return ensure_default_model()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _packed_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests build GGUF models into a packed cache of their own (`llmlab.packed_cache`), not the user's."""
+    import os
+
+    os.environ.setdefault("LLMLAB_PACKED_CACHE", str(tmp_path_factory.mktemp("packed")))

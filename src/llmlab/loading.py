@@ -28,6 +28,7 @@ from llmlab.errors import LLMLabError
 from llmlab.gguf_import import kept_gguf, load_gguf_quantized
 from llmlab.methods import load_adapter
 from llmlab.model import LLaMA
+from llmlab.packed_cache import load_gguf_cached
 from llmlab.quantized import QUANTIZE_MODES, quantize_model
 from llmlab.tokenizer import Tokenizer
 
@@ -85,7 +86,10 @@ def load_for_inference(path: str | Path, adapters: Sequence[str | Path] = (), *,
     source, gguf = weights_source(path, quantize, dev)
     path = Path(path)
     if source == "gguf":
-        model, tokenizer, gen_config = load_gguf_quantized(gguf, dev, torch_dtype, kernel)
+        if dev.type == "cpu":  # built once, then read back from the packed cache in about a second
+            model, tokenizer, gen_config = load_gguf_cached(gguf, torch_dtype, kernel)
+        else:
+            model, tokenizer, gen_config = load_gguf_quantized(gguf, dev, torch_dtype, kernel)
         if path.is_dir():  # the folder's own tokenizer and generation config, as for its float weights
             tokenizer, gen_config = Tokenizer.from_folder(path), load_generation_config(path)
     else:

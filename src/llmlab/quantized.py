@@ -21,7 +21,9 @@ concatenated rows (a group never spans two rows, so each part keeps its own bloc
 (Q4_K_M files mix Q4_K and Q6_K) become a `FusedQuantLinear` of one layer per part.
 
 Quantized layers are rebuilt from their source (a GGUF file, or a float checkpoint and `quantize_model`), never
-saved in a kernel's layout, which depends on the CPU: their buffers are not part of the state dict.
+saved in a kernel's layout, which depends on the CPU: their buffers are not part of the state dict. The one
+exception is machine-local: `llmlab.packed_cache` keeps a GGUF's packed layers to skip rebuilding them
+(`QuantLinear.from_buffers`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmlab.errors import LLMLabError
-from llmlab.quant_kernels import Groups, QuantSpec, choose_kernel, dense_plan
+from llmlab.quant_kernels import KERNELS, Groups, Kernel, QuantSpec, choose_kernel, dense_plan
 
 _CHUNK = 1 << 22  # weights dequantized at a time by the dense (training) path: 8 MB in bf16
 DENSE_MIN_ROWS = 16  # products of at least this many rows take the dense path when gradients are recorded
@@ -110,21 +112,37 @@ class QuantLinear(nn.Module):
                  device: torch.device | str | None = None, out_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         dev = torch.device(device) if device is not None else groups.q.device
-        self.out_features, self.in_features = groups.shape
-        self.spec = QuantSpec.of(groups)
-        self.kernel = choose_kernel(self.spec, dev, kernel)
+        spec = QuantSpec.of(groups)
+        chosen = choose_kernel(spec, dev, kernel)
         if groups.q.device != dev:
             groups = Groups(groups.q.to(dev), groups.scale.to(dev), None if groups.zero is None else
                             groups.zero.to(dev), groups.group, groups.bits, groups.qmin)
-        buffers = self.kernel.pack(groups)
+        self._hold(chosen, spec, chosen.pack(groups), None if bias is None else bias.to(dev), out_dtype)
+
+    def _hold(self, kernel: Kernel, spec: QuantSpec, buffers: dict[str, Tensor], bias: Tensor | None,
+              out_dtype: torch.dtype | None) -> None:
+        self.out_features, self.in_features = spec.out_features, spec.in_features
+        self.spec, self.kernel = spec, kernel
         self._names = tuple(buffers)
         self._dtypes = {name: t.dtype for name, t in buffers.items()}
         for name, t in buffers.items():
             self.register_buffer(name, t, persistent=False)
-        self.bias = None if bias is None else nn.Parameter(bias.to(dev), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.out_dtype = out_dtype
         self.register_buffer("dense", None, persistent=False)  # see keep_dense
         self.dense_from = 0
+
+    @classmethod
+    def from_buffers(cls, kernel: str, spec: QuantSpec, buffers: dict[str, Tensor], bias: Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> QuantLinear:
+        """A layer from buffers another layer's kernel `kernel` packed on this machine (`llmlab.packed_cache` keeps
+        them), without decoding or packing anything."""
+        if kernel not in KERNELS:
+            raise LLMLabError(f"unknown quantized kernel '{kernel}' (known: {', '.join(KERNELS)})")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._hold(KERNELS[kernel], spec, buffers, bias, out_dtype)
+        return self
 
     def kernel_buffers(self) -> dict[str, Tensor]:
         """The kernel's buffers by name."""
