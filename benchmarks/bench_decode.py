@@ -9,7 +9,10 @@ llmlab variants (`--variants`, comma-separated, each optionally `+compile` for t
 float32 / bfloat16 (the float checkpoint), gguf (the GGUF's own quantized blocks, `llmlab.quantized`, activations
 in bf16), int8 / int4 (the float checkpoint quantized at load time). `--breakdown` profiles 16 decode steps of each
 llmlab variant and splits a token's time into weight matmuls, attention and the rest; `--memory` runs each variant
-in a fresh process (load, then 32 generated tokens) and reports its peak resident memory.
+in a fresh process (load, then 32 generated tokens) and reports its peak resident memory. `--startup` times what a
+user waits for at each `llmlab generate`: a fresh process from launch to its first generated token (interpreter,
+imports, loading the weights, prefill), for the GGUF variant building its packed cache (`llmlab.packed_cache`), the
+same reading it back, the float32 folder, and llama.cpp.
 
 `--draft CKPT` adds a speculative-decoding row (`llmlab.speculative`) for each compiled variant: the draft (a folder,
 quantized at load like the variant (`--draft-quantize`), or a GGUF file) proposes `--draft-tokens` per check; the
@@ -151,6 +154,43 @@ def memory_probe(variant: str, ckpt: Path, gguf: Path | None) -> None:
     print(int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024)
 
 
+STARTUP_KINDS = ("gguf, first load", "gguf, cached", "float32", "llama.cpp")
+
+
+# llama.cpp's probe imports nothing but llama_cpp (no torch, no llmlab): its start-up is its own
+LLAMA_PROBE = """import json, sys
+import llama_cpp
+llm = llama_cpp.Llama(sys.argv[1], n_ctx=1024, n_threads=int(sys.argv[3]), verbose=False)
+llm.eval(json.loads(sys.argv[2]))
+llm.sample(temp=0.0)
+"""
+
+
+def startup(kind: str, args: argparse.Namespace, cache: Path, prompt: list[int], gguf: Path) -> float:
+    """Seconds from launching a fresh process to its first generated token (`kind`: one of STARTUP_KINDS)."""
+    import json
+    import os
+
+    if kind == "llama.cpp":
+        cmd = [sys.executable, "-c", LLAMA_PROBE, str(gguf), json.dumps(prompt), str(args.threads)]
+    else:
+        cmd = [sys.executable, __file__, "--startup-probe", kind, "--threads", str(args.threads)]
+        cmd += [f"--{k}={getattr(args, k)}" for k in ("ckpt", "gguf") if getattr(args, k) is not None]
+    env = {**os.environ, "LLMLAB_PACKED_CACHE": str(cache)}
+    if kind == "gguf, first load":
+        env["LLMLAB_PACKED_CACHE"] = str(cache / f"cold-{time.monotonic_ns()}")  # a cache that holds nothing
+    t0 = time.perf_counter()
+    subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def startup_probe(kind: str, ckpt: Path, gguf: Path | None) -> None:
+    """The llmlab side of `startup`: load the variant, prefill the prompt, pick one token."""
+    prompt = Tokenizer.from_folder(ckpt).encode_chat(PROMPT)
+    model = load_variant("float32" if kind == "float32" else "gguf", ckpt, gguf)
+    time_llmlab(model, prompt, 1)
+
+
 def time_hf(hf, prompt: list[int], n: int) -> float:
     x = torch.tensor([prompt])
     t0 = time.perf_counter()
@@ -181,7 +221,11 @@ def main() -> None:
     ap.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per check")
     ap.add_argument("--draft-quantize", default="auto", choices=["auto", "none", "int8", "int4"],
                     help="how a draft folder's weights are held (auto: int4 for quantized variants)")
+    ap.add_argument("--startup", action="store_true",
+                    help="seconds from launching a fresh process to its first token (GGUF cold and cached, fp32, "
+                         "llama.cpp)")
     ap.add_argument("--memory-probe", help=argparse.SUPPRESS)
+    ap.add_argument("--startup-probe", help=argparse.SUPPRESS)
     args = ap.parse_args()
     bad = [v for v in args.variants.split(",") if v.removesuffix("+compile") not in WEIGHTS]
     if bad:
@@ -193,6 +237,8 @@ def main() -> None:
     ckpt = args.ckpt or ensure_default_model()
     if args.memory_probe:
         return memory_probe(args.memory_probe, ckpt, args.gguf)
+    if args.startup_probe:
+        return startup_probe(args.startup_probe, ckpt, args.gguf)
     tok = Tokenizer.from_folder(ckpt)
     prompt = tok.encode_chat(PROMPT)
     text_ids = tok.encode(TEXT)
@@ -308,6 +354,19 @@ def main() -> None:
         for variant in args.variants.split(","):
             rss, peak = memory(variant, args)
             print(f"{'llmlab ' + variant:30} {rss:8.0f} {peak:8.0f}")
+    if args.startup:
+        import tempfile
+
+        kinds = [k for k in STARTUP_KINDS if k != "llama.cpp" or llama_cpp is not None]
+        with tempfile.TemporaryDirectory(prefix="llmlab-startup-") as tmp:
+            gguf = args.gguf or ensure_default_gguf()
+            startup("gguf, cached", args, Path(tmp), prompt, gguf)  # fills the cache the cached rows read
+            times = {k: statistics.median(startup(k, args, Path(tmp), prompt, gguf) for _ in range(args.rounds))
+                     for k in kinds}
+        ref = times.get("llama.cpp")
+        print(f"\nstart-up: a fresh process from launch to its first generated token, s (median of {args.rounds})")
+        for kind, sec in times.items():
+            print(f"{kind:30} {sec:8.2f}" + (f" {sec / ref:6.1f}x llama.cpp's" if ref else ""))
 
 
 if __name__ == "__main__":
