@@ -211,15 +211,21 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
     False: LoRA, adapters, QLoRA) gets its frozen parameters (and floating buffers, such as a quantized
     embedding's output dtype) stored in the autocast dtype: autocast would cast them to it for every matmul
     anyway, so the fp32 copy of the frozen base is pure memory, and its casts pure time; the residual stream then
-    runs in that dtype too, as the frozen embedding gives it.
+    runs in that dtype too, as the frozen embedding gives it. A quantized LM head (GGUF blocks) keeps a dense copy
+    in that dtype (`QuantLinear.keep_dense`: 2 bytes a weight, 57 MB for SmolLM2's tied 49152 x 576 head): the
+    fused loss multiplies by the whole head every step, and dequantizing it each time cost ~7% of a LoRA step,
+    while the loss held a dequantized copy during the step anyway (so the peak memory hardly moves).
     """
     if precision == "bf16-true":
         model.to(torch.bfloat16)
         return None
     amp = autocast_dtype(precision, device)
     if amp is not None and not method.saves_frozen:
-        from llmlab.quantized import QuantLinear
+        from llmlab.quantized import DENSE_MIN_ROWS, QuantLinear
 
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, QuantLinear) and getattr(model, "fused_loss", False) and head.dense is None:
+            head.keep_dense(DENSE_MIN_ROWS, amp)  # the fused loss reads the whole head every step (see docstring)
         with torch.no_grad():
             for p in model.parameters():
                 if not p.requires_grad and p.is_floating_point() and p.dtype != amp:
