@@ -35,7 +35,7 @@ class TrainConfig:
             autocast: least memory, fastest, updates rounded to bf16).
         activation_checkpointing: Recompute each block's activations in the backward pass (less memory, ~30% slower).
         compile: Compile the model with torch.compile (each transformer block, in place: one block's compile time,
-            5-20 s). Unset (null, the default) = auto: compiled for LoRA/adapter training under bf16 autocast on a
+            5-30 s). Unset (null, the default) = auto: compiled for LoRA/adapter training under bf16 autocast on a
             CPU, runs of 100 steps or more (~10% faster steps there, docs/finetune.md), eager otherwise.
         eval_every: Validation loss every this many steps (0 = only at the start and the end).
         eval_batches: Micro-batches per validation (per process).

@@ -264,7 +264,7 @@ def compile_auto(compile: bool | None, method: Method, amp: torch.dtype | None, 
     pay: adapter-style training (LoRA, adapters: `Method.saves_frozen` False) under bf16 autocast on a CPU, for a run
     of at least COMPILE_AUTO_MIN_STEPS steps, with a C++ compiler for inductor. There a compiled block fuses the
     norms, RoPE, SwiGLU and the casts between bf16 and fp32 around the dense GEMMs (~10% of a LoRA step on the
-    default model, docs/finetune.md) for one block's compile time (5-20 s, cached by inductor across runs)."""
+    default model, docs/finetune.md) for one block's compile time (5-30 s, cached by inductor across runs)."""
     if compile is not None:
         return compile
     import shutil
