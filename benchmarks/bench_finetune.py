@@ -3,7 +3,8 @@ transformers' full fine-tuning and HF + PEFT LoRA.
 
 Rows (`--methods`), each llmlab one with the base weights and precision it trains with:
 - lora: LoRA on the GGUF's quantized blocks kept by the checkpoint folder, precision auto (bf16 autocast on a CPU
-  that computes bf16 natively, else fp32): what `llmlab finetune --method lora` does by default;
+  that computes bf16 natively, else fp32), blocks compiled where train.compile auto compiles them (`--compile`):
+  what `llmlab finetune --method lora` does by default;
 - lora-float: LoRA on the float weights, precision auto; lora-fp32: on the float weights in fp32 (the old default);
 - adapter (bottleneck, GGUF blocks, auto), freeze, full and qlora (float weights, auto);
 - hf-peft-lora and hf-full: HF transformers (+ PEFT) in fp32, SDPA attention.
@@ -68,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--docs", type=Path, help="write the table into this markdown file (between markers) and "
                         "the bar chart into img/finetune-bench.png beside it")
+    parser.add_argument("--compile", default="auto", choices=("auto", "yes", "no"),
+                        help="compile the llmlab rows' blocks (auto: as `llmlab finetune`'s train.compile auto)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # a child process's row
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
@@ -136,19 +139,26 @@ def _hf_model(row: str, ckpt: str, cfg) -> tuple:
     return (peft_lora(model, cfg) if row == REFERENCE else model), hf_method()
 
 
-def _llmlab_model(row: str, ckpt: str, lora) -> tuple:
-    """The prepared model, its method and the autocast dtype of a row, loaded as `llmlab finetune` loads it."""
+def _llmlab_model(row: str, ckpt: str, lora, compile: str = "auto") -> tuple:
+    """The prepared model, its method, the autocast dtype of a row and whether its blocks were compiled, loaded as
+    `llmlab finetune` loads it (train.compile auto decides for a run of the default length, 1,000 steps)."""
     import torch
 
+    from llmlab.args import TrainConfig
     from llmlab.finetune import load_base
     from llmlab.methods import make_method
-    from llmlab.train import setup_precision
+    from llmlab.train import compile_auto, compile_blocks, setup_precision
 
     name, base, precision = ROWS[row]
     method = make_method(name, ckpt, lora=lora)
     model, _ = load_base(Path(ckpt), name, base, "cpu")
     model = method.prepare(model)
-    return model, method, setup_precision(model, method, precision, torch.device("cpu"))
+    amp = setup_precision(model, method, precision, torch.device("cpu"))
+    wanted = {"auto": None, "yes": True, "no": False}[compile]
+    compiled = compile_auto(wanted, method, amp, torch.device("cpu"), TrainConfig().max_steps)
+    if compiled:
+        compile_blocks(model)  # compiled lazily, in the first (untimed) warm-up step
+    return model, method, amp, compiled
 
 
 def run_method(args: argparse.Namespace) -> dict:
@@ -172,11 +182,11 @@ def run_method(args: argparse.Namespace) -> dict:
     train_batches = batches_of(ids[:split], args.steps, args.batch_size, args.seq_len)
     held_out = batches_of(ids, args.eval_batches, args.batch_size, args.seq_len, start=split)
     base_rss = rss_bytes()
-    amp = None
+    amp, compiled = None, False
     if args.method in HF_ROWS:
         model, method = _hf_model(args.method, args.ckpt, lora)
     else:
-        model, method, amp = _llmlab_model(args.method, args.ckpt, lora)
+        model, method, amp, compiled = _llmlab_model(args.method, args.ckpt, lora, args.compile)
     model.train()
     lr = args.full_lr if args.method in FULL_ROWS else args.lr
     cfg = TrainConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
@@ -196,8 +206,8 @@ def run_method(args: argparse.Namespace) -> dict:
         held = sum(float(method.loss(model, b)) for b in held_out) / len(held_out)
     return {"tokens_per_s": (args.steps - args.warmup) * args.batch_size * args.seq_len / seconds,
             "peak_bytes": peak, "trainable": sum(p.numel() for p in params), "first_loss": losses[0],
-            "last_loss": losses[-1], "held_out_loss": held, "autocast": str(amp).replace("torch.", "") if amp else
-            "fp32"}
+            "last_loss": losses[-1], "held_out_loss": held,
+            "autocast": (str(amp).replace("torch.", "") if amp else "fp32") + (", compiled" if compiled else "")}
 
 
 def hf_counterpart(row: str) -> str:

@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="profiled steps")
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--compile", action="store_true", help="compile each block (train.compile) before warming up")
     args = parser.parse_args(argv)
 
     import torch
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     from llmlab.args import LoRAConfig, TrainConfig
     from llmlab.finetune import load_base
     from llmlab.methods import make_method
-    from llmlab.train import Env, build_optimizer, setup_precision, train_step
+    from llmlab.train import Env, build_optimizer, compile_blocks, setup_precision, train_step
 
     if args.ckpt is None:
         from llmlab.hub import ensure_default_model
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = load_base(Path(args.ckpt), "lora", args.base_weights, "cpu")
     model = method.prepare(model)
     amp = setup_precision(model, method, args.precision, torch.device("cpu"))
+    if args.compile:
+        compile_blocks(model)
     cfg = TrainConfig(lr=1e-4, weight_decay=0.0)
     named = method.trainable_parameters(model)
     optimizer = build_optimizer(named, cfg, Env(device=torch.device("cpu")))
@@ -83,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
     per_group: dict[str, float] = {}
     for e in events:
         per_group[group_of(e.key)] = per_group.get(group_of(e.key), 0.0) + e.self_cpu_time_total
-    print(f"{args.ckpt}, LoRA r=8 on all projections, base {args.base_weights}, precision {args.precision} "
+    print(f"{args.ckpt}, LoRA r=8 on all projections, base {args.base_weights}, precision {args.precision}, "
+          f"{'compiled blocks' if args.compile else 'eager'} "
           f"(autocast {amp}), batch {args.batch_size} x {args.seq_len}, {torch.get_num_threads()} threads: "
           f"{total / 1e3 / args.steps:,.0f} ms of op time per step\n")
     print("| part of the step | ms per step | share |\n|---|---:|---:|")

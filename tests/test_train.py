@@ -433,3 +433,22 @@ def test_bf16_autocast_loss_curve_tracks_fp32(data_dir: Path, tmp_path: Path) ->
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(LLMLabError, match="'precision' must be auto, fp32, bf16 or bf16-true, got 'fp16'"):
         small_config(precision="fp16").validate()
+
+
+def test_compile_auto_compiles_long_cpu_adapter_runs_under_bf16_only(monkeypatch) -> None:
+    import shutil
+
+    from llmlab.args import LoRAConfig
+    from llmlab.methods import make_method
+    from llmlab.train import COMPILE_AUTO_MIN_STEPS, compile_auto
+
+    lora, cpu, bf16 = make_method("lora", lora=LoRAConfig()), torch.device("cpu"), torch.bfloat16
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    assert compile_auto(None, lora, bf16, cpu, COMPILE_AUTO_MIN_STEPS)
+    assert not compile_auto(None, lora, bf16, cpu, COMPILE_AUTO_MIN_STEPS - 1)  # too short to repay the compile
+    assert not compile_auto(None, lora, None, cpu, 1000)  # fp32: not measured to pay
+    assert not compile_auto(None, Full(), bf16, cpu, 1000)  # full fine-tuning: not measured to pay
+    assert not compile_auto(None, lora, bf16, torch.device("cuda"), 1000)
+    assert compile_auto(True, Full(), None, cpu, 1) and not compile_auto(False, lora, bf16, cpu, 1000)
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for inductor
+    assert not compile_auto(None, lora, bf16, cpu, 1000)

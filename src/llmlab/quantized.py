@@ -48,40 +48,79 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def _row_chunks(layer: QuantLinear, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
     """Ranges of rows [start, end) of at most _CHUNK weights each (whole 64-row blocks from `start`, so every kernel
     slices its layout)."""
-    end = layer.out_features if end is None else end
-    step = max(64, _CHUNK // layer.in_features // 64 * 64)
+    return _chunks(layer.in_features, start, layer.out_features if end is None else end)
+
+
+def _chunks(in_features: int, start: int, end: int) -> list[tuple[int, int]]:
+    step = max(64, _CHUNK // in_features // 64 * 64)
     return [(a, min(end, a + step)) for a in range(start, end, step)]
 
 
-class _DenseQuantMatmul(torch.autograd.Function):
-    """y = x @ W.T for a batch of many rows, with W quantized and frozen: W is dequantized to x's dtype a chunk of
-    rows at a time and multiplied by the dense GEMM, in the forward pass and again in the backward pass (grad_x =
-    grad_y @ W), so no float copy of W outlives the call and the gradient flows to x only.
+# The training path as torch.library custom ops: the layer travels as its buffers (tensors) plus its kernel's name and
+# spec (constants alike in every block of a model), so a compiled block (`train.compile`) keeps one graph across the
+# dequantize + GEMM instead of breaking at an autograd.Function that carries the module, and one compiled graph
+# serves every block (the buffers are graph inputs, as parameters are).
+def _unpack_layer(buffers: list[Tensor], names: str, kernel: str, spec: list[int]):
+    return KERNELS[kernel], dict(zip(names.split(","), buffers)), QuantSpec(*spec[:5], bool(spec[5]))
+
+
+@torch.library.custom_op("llmlab::dense_quant_linear", mutates_args=())
+def dense_quant_linear(x: Tensor, buffers: list[Tensor], names: str, kernel: str, spec: list[int]) -> Tensor:
+    """y = x @ W.T for a batch of many rows x (M, K), with W quantized and frozen: W is dequantized to x's dtype a
+    chunk of rows at a time and multiplied by the dense GEMM, in the forward pass and again in the backward pass
+    (grad_x = grad_y @ W, `dense_quant_grad_input`), so no float copy of W outlives the call and the gradient flows to
+    x only. `buffers`/`names` are the layer's kernel buffers, `spec` its QuantSpec as ints.
 
     Why dense: dequantizing costs O(N K) against the product's O(M N K); at a training batch's hundreds of rows the
     GEMM decides, and the dense bf16/fp32 GEMM is 2-4x faster than the weight-only kernels, which are built for
     decoding's few rows (docs/finetune.md has the measurements)."""
+    kern, bufs, qs = _unpack_layer(buffers, names, kernel, spec)
+    with torch.autocast(x.device.type, enabled=False):
+        parts = [F.linear(x, kern.dequantize(bufs, qs, x.dtype, a, b))
+                 for a, b in _chunks(qs.in_features, 0, qs.out_features)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
-    @staticmethod
-    def forward(ctx, x: Tensor, layer: QuantLinear) -> Tensor:
-        ctx.layer = layer
-        with torch.autocast(x.device.type, enabled=False):
-            parts = [F.linear(x, layer.dequantize(x.dtype, a, b)) for a, b in _row_chunks(layer)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, -1)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _grad_input(ctx.layer, grad), None
+@dense_quant_linear.register_fake
+def _(x: Tensor, buffers: list[Tensor], names: str, kernel: str, spec: list[int]) -> Tensor:
+    return x.new_empty(x.shape[0], spec[0])
+
+
+@torch.library.custom_op("llmlab::dense_quant_grad_input", mutates_args=())
+def dense_quant_grad_input(grad: Tensor, buffers: list[Tensor], names: str, kernel: str,
+                           spec: list[int]) -> Tensor:
+    """grad_y @ W in grad's dtype (grad (M, N)), W dequantized a chunk of rows at a time."""
+    kern, bufs, qs = _unpack_layer(buffers, names, kernel, spec)
+    grad_x = None
+    with torch.autocast(grad.device.type, enabled=False):
+        for a, b in _chunks(qs.in_features, 0, qs.out_features):
+            w = kern.dequantize(bufs, qs, grad.dtype, a, b)
+            grad_x = grad[:, a:b] @ w if grad_x is None else grad_x.addmm_(grad[:, a:b], w)
+    return grad_x
+
+
+@dense_quant_grad_input.register_fake
+def _(grad: Tensor, buffers: list[Tensor], names: str, kernel: str, spec: list[int]) -> Tensor:
+    return grad.new_empty(grad.shape[0], spec[1])
+
+
+def _dense_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    _, buffers, names, kernel, spec = inputs
+    ctx.save_for_backward(*buffers)
+    ctx.meta = (names, kernel, spec)
+
+
+def _dense_backward(ctx, grad: Tensor) -> tuple[Tensor, list[None], None, None, None]:
+    buffers = list(ctx.saved_tensors)
+    return dense_quant_grad_input(grad.contiguous(), buffers, *ctx.meta), [None] * len(buffers), None, None, None
+
+
+dense_quant_linear.register_autograd(_dense_backward, setup_context=_dense_setup)
 
 
 def _grad_input(layer: QuantLinear, grad: Tensor) -> Tensor:
     """grad_y @ W in grad's dtype, W dequantized a chunk of rows at a time."""
-    grad_x = None
-    with torch.autocast(grad.device.type, enabled=False):
-        for a, b in _row_chunks(layer):
-            w = layer.dequantize(grad.dtype, a, b)
-            grad_x = grad[:, a:b] @ w if grad_x is None else grad_x.addmm_(grad[:, a:b], w)
-    return grad_x
+    return dense_quant_grad_input(grad, *layer.op_args())
 
 
 class _QuantMatmul(torch.autograd.Function):
@@ -148,6 +187,13 @@ class QuantLinear(nn.Module):
         """The kernel's buffers by name."""
         return {name: getattr(self, name) for name in self._names}
 
+    def op_args(self) -> tuple[list[Tensor], str, str, list[int]]:
+        """The layer as the training ops (`dense_quant_linear`) take it: buffers, their names (comma-joined), kernel,
+        spec."""
+        s = self.spec
+        return ([getattr(self, name) for name in self._names], ",".join(self._names), self.kernel.name,
+                [s.out_features, s.in_features, s.group, s.bits, s.qmin, int(s.has_zero)])
+
     @property
     def device(self) -> torch.device:
         return getattr(self, self._names[0]).device
@@ -169,7 +215,7 @@ class QuantLinear(nn.Module):
         if self.dense is not None and x2.shape[0] >= self.dense_from and not x.requires_grad:  # an inference batch
             y = F.linear(x2.to(self.dense.dtype), self.dense).to(out_dtype)
         elif torch.is_grad_enabled() and x2.shape[0] >= DENSE_MIN_ROWS:  # training: dequantize + dense GEMM
-            y = _DenseQuantMatmul.apply(x2.to(compute), self).to(out_dtype)
+            y = dense_quant_linear(x2.to(compute), *self.op_args()).to(out_dtype)
         elif torch.is_grad_enabled() and x.requires_grad:
             y = _QuantMatmul.apply(x2, self, out_dtype)
         else:
@@ -186,6 +232,13 @@ class QuantLinear(nn.Module):
         in `dtype` and returned in the layer's output dtype."""
         self.dense = self.dequantize(dtype)
         self.dense_from = from_rows
+
+    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+        """The whole weight in `dtype`: the dense copy when the layer keeps one in that dtype (`keep_dense`), else
+        dequantized now (a frozen head under the fused loss, every training step)."""
+        if self.dense is not None and self.dense.dtype == dtype:
+            return self.dense
+        return self.dequantize(dtype)
 
     def rows(self, index: Tensor) -> Groups:
         """The groups of output rows `index` (1-D), as this layer computes with them."""

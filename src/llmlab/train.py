@@ -211,15 +211,21 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
     False: LoRA, adapters, QLoRA) gets its frozen parameters (and floating buffers, such as a quantized
     embedding's output dtype) stored in the autocast dtype: autocast would cast them to it for every matmul
     anyway, so the fp32 copy of the frozen base is pure memory, and its casts pure time; the residual stream then
-    runs in that dtype too, as the frozen embedding gives it.
+    runs in that dtype too, as the frozen embedding gives it. A quantized LM head (GGUF blocks) keeps a dense copy
+    in that dtype (`QuantLinear.keep_dense`: 2 bytes a weight, 57 MB for SmolLM2's tied 49152 x 576 head): the
+    fused loss multiplies by the whole head every step, and dequantizing it each time cost ~7% of a LoRA step,
+    while the loss held a dequantized copy during the step anyway (so the peak memory hardly moves).
     """
     if precision == "bf16-true":
         model.to(torch.bfloat16)
         return None
     amp = autocast_dtype(precision, device)
     if amp is not None and not method.saves_frozen:
-        from llmlab.quantized import QuantLinear
+        from llmlab.quantized import DENSE_MIN_ROWS, QuantLinear
 
+        head = getattr(model, "lm_head", None)
+        if isinstance(head, QuantLinear) and getattr(model, "fused_loss", False) and head.dense is None:
+            head.keep_dense(DENSE_MIN_ROWS, amp)  # the fused loss reads the whole head every step (see docstring)
         with torch.no_grad():
             for p in model.parameters():
                 if not p.requires_grad and p.is_floating_point() and p.dtype != amp:
@@ -247,6 +253,24 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
+
+
+COMPILE_AUTO_MIN_STEPS = 100  # train.compile auto: runs shorter than this stay eager (the compile would not repay)
+
+
+def compile_auto(compile: bool | None, method: Method, amp: torch.dtype | None, device: torch.device,
+                 max_steps: int) -> bool:
+    """Whether to compile the blocks: `compile` True/False as given; None (auto) compiles where it was measured to
+    pay: adapter-style training (LoRA, adapters: `Method.saves_frozen` False) under bf16 autocast on a CPU, for a run
+    of at least COMPILE_AUTO_MIN_STEPS steps, with a C++ compiler for inductor. There a compiled block fuses the
+    norms, RoPE, SwiGLU and the casts between bf16 and fp32 around the dense GEMMs (~10% of a LoRA step on the
+    default model, docs/finetune.md) for one block's compile time (5-30 s, cached by inductor across runs)."""
+    if compile is not None:
+        return compile
+    import shutil
+
+    return (device.type == "cpu" and amp is not None and not method.saves_frozen
+            and max_steps >= COMPILE_AUTO_MIN_STEPS and any(shutil.which(c) for c in ("g++", "c++", "clang++")))
 
 
 def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
@@ -500,9 +524,10 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
     amp = setup_precision(raw, method, cfg.precision, env.device)
     if cfg.activation_checkpointing:
         raw.gradient_checkpointing = True
-    in_place = cfg.compile and compile_blocks(raw) > 0  # before wrapping: FSDP2 shards the compiled blocks
+    compiled = compile_auto(cfg.compile, method, amp, env.device, max_steps)
+    in_place = compiled and compile_blocks(raw) > 0  # before wrapping: FSDP2 shards the compiled blocks
     wrapped = wrap_model(raw, env)
-    forward = torch.compile(wrapped) if cfg.compile and not in_place else wrapped
+    forward = torch.compile(wrapped) if compiled and not in_place else wrapped
     named = method.trainable_parameters(raw)  # after wrapping: FSDP replaces parameters by sharded ones
     params = [p for _, p in named]
     optimizer = build_optimizer(named, cfg, env)
@@ -528,12 +553,17 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
             logger.log(0, val_loss=validate(), lr=lr_at(0, cfg, max_steps), tokens=0)
         t0 = t_log = time.perf_counter()
         elapsed0, tokens_log, paused = progress.elapsed_s, progress.tokens, 0.0  # paused: eval/save time
+        step0 = progress.step
         while progress.step < max_steps and not (cfg.stop_at and progress.step >= cfg.stop_at):
             lr = lr_at(progress.step, cfg, max_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [data.train_batch(progress.samples + (m * env.world + env.rank) * B, B) for m in range(accum)]
+            t_step = time.perf_counter()
             loss, norm = train_step(forward, method, optimizer, params, batches, cfg.grad_clip, amp, sync)
+            if compiled and env.main and progress.step == step0:  # torch.compile compiles lazily, in this step
+                print(f"llmlab: the first step took {time.perf_counter() - t_step:.1f} s, compiling the model's "
+                      f"blocks included (train.compile {'auto' if cfg.compile is None else 'true'})", file=sys.stderr)
             progress.step += 1
             progress.samples += samples_per_step
             progress.tokens += env.world * sum(b["input_ids"].numel() for b in batches)
