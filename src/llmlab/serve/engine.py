@@ -175,6 +175,7 @@ class Engine:
             log.info("dense copies of the quantized weights for batches: %.0f MB", added / 2**20)
         self._eager = DecodeStep(model, None, False)
         self._compiled = DecodeStep(model, None, True) if compile else None
+        self.decode_step = "eager"  # how decode steps run, for the server's start-up line
         if compile:
             self._warm_up()
         self.lock = threading.Lock()  # held for each scheduling round; holding it pauses the engine between steps
@@ -454,6 +455,7 @@ class Engine:
         rows and up, and each row count from which some quantized layer switches to its dense copy), so that no
         request pays a compilation and later steps may skip the guards' checks (`generate.DecodeStep`)."""
         if self._lora_installed():
+            self.decode_step = "eager (LoRA adapters are served)"
             log.info("LoRA adapters are served: the decode step runs eagerly (not compiled)")
             return
         sizes = {1, 2, self.max_batch} | {m.dense_from for m in self.model.modules()
@@ -467,7 +469,8 @@ class Engine:
                     self._decode(torch.zeros(b, 1, dtype=torch.long, device=self.device),
                                  torch.full((b, 1), slot, device=self.device), slot)
         step.trust_guards = True
-        log.info("compiled the decode step for batches of %s rows in %.1f s", sizes, time.perf_counter() - start)
+        self.decode_step = f"compiled for batches of {sizes} rows in {time.perf_counter() - start:.0f} s"
+        log.info("decode step %s", self.decode_step)
 
     def _step(self) -> None:
         rows = self._rows
