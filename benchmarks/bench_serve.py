@@ -3,12 +3,12 @@
 For each server setting (`--settings`: "old" = fp32 float weights and an eager decode step, `--quantize none --dtype
 float32 --compile off`, issue 16's before; "default" = `llmlab serve`'s defaults, the fast path) it starts the server
 (`llmlab serve CKPT`, a subprocess), then runs two phases of `--duration` seconds each: one client, then `--clients`
-clients. Every client
-loops: send a streaming chat completion (the official `openai` client, `stream_options.include_usage`), read it to
-the end, send the next. A phase stops starting requests after `--duration` and waits for the ones in flight; its
-throughput is the completion tokens of all its requests over its wall time. Prints the CPU flags, both phases of
-each setting (tokens/s, requests, errors, median time to first token), the ratio aggregate / single, and one
-client's speed-up of the default over the old setting; exits 1 if any request failed.
+clients. Every client loops: send a streaming chat completion (the official `openai` client,
+`stream_options.include_usage`), read it to the end, send the next. A phase stops starting requests after
+`--duration` and waits for the ones in flight; its throughput is the completion tokens of all its requests over its
+wall time. Prints the CPU flags, both phases of each setting (tokens/s, requests, errors, median time to first
+token), the ratio aggregate / single, and one client's speed-up of the default over the old setting; exits 1 if any
+request failed.
 
     flock /tmp/llmlab-cpu.lock .venv/bin/python benchmarks/bench_serve.py --clients 16 --duration 60
 """
