@@ -1,13 +1,14 @@
 """Load test of `llmlab serve`: N concurrent streaming chat clients on loopback for a bounded time, against one.
 
-For each server setting (`--settings`: "old" = fp32 float weights, `--quantize none --dtype float32`, issue 16's
-before; "default" = `llmlab serve`'s defaults, the fast path) it starts the server (`llmlab serve CKPT`, a
-subprocess), then runs two phases of `--duration` seconds each: one client, then `--clients` clients. Every client
-loops: send a streaming chat completion (the official `openai` client, `stream_options.include_usage`), read it to
-the end, send the next. A phase stops starting requests after `--duration` and waits for the ones in flight; its
-throughput is the completion tokens of all its requests over its wall time. Prints the CPU flags, both phases of
-each setting (tokens/s, requests, errors, median time to first token), the ratio aggregate / single, and one
-client's speed-up of the default over the old setting; exits 1 if any request failed.
+For each server setting (`--settings`: "old" = fp32 float weights and an eager decode step, `--quantize none --dtype
+float32 --compile off`, issue 16's before; "default" = `llmlab serve`'s defaults, the fast path) it starts the server
+(`llmlab serve CKPT`, a subprocess), then runs two phases of `--duration` seconds each: one client, then `--clients`
+clients. Every client loops: send a streaming chat completion (the official `openai` client,
+`stream_options.include_usage`), read it to the end, send the next. A phase stops starting requests after
+`--duration` and waits for the ones in flight; its throughput is the completion tokens of all its requests over its
+wall time. Prints the CPU flags, both phases of each setting (tokens/s, requests, errors, median time to first
+token), the ratio aggregate / single, and one client's speed-up of the default over the old setting; exits 1 if any
+request failed.
 
     flock /tmp/llmlab-cpu.lock .venv/bin/python benchmarks/bench_serve.py --clients 16 --duration 60
 """
@@ -92,16 +93,17 @@ async def phase(base_url: str, model: str, clients: int, duration: float, max_to
             "median_ttft_s": round(statistics.median(stats["ttft"]), 3) if stats["ttft"] else None}
 
 
-# (label, --quantize, --dtype) of each server setting measured; "old" is issue 16's before: fp32 float weights
-SETTINGS = {"old": ("none", "float32"), "default": ("auto", "auto")}
+# (--quantize, --dtype, --compile) of each server setting measured; "old" is issue 16's before: fp32 float weights,
+# eager steps
+SETTINGS = {"old": ("none", "float32", "off"), "default": ("auto", "auto", "auto")}
 
 
-def run_setting(args: argparse.Namespace, quantize: str, dtype: str) -> dict | None:
+def run_setting(args: argparse.Namespace, quantize: str, dtype: str, compile: str) -> dict | None:
     """Start `llmlab serve` with these weights, run the warm-up, one client, then `--clients` clients; stop it."""
     port = free_port()
     cmd = [sys.executable, "-m", "llmlab.cli", "serve", str(args.ckpt), "--port", str(port), "--model-name", "bench",
            "--max-batch", str(args.clients), "--queue-size", str(4 * args.clients), "--max-seq-len",
-           str(args.max_seq_len), "--dtype", dtype, "--quantize", quantize]
+           str(args.max_seq_len), "--dtype", dtype, "--quantize", quantize, "--compile", compile]
     env = {**os.environ, "LLMLAB_API_KEY": ""}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -110,7 +112,7 @@ def run_setting(args: argparse.Namespace, quantize: str, dtype: str) -> dict | N
     try:
         import urllib.request
 
-        for _ in range(3000):  # loading, and the first run's kernel measurements
+        for _ in range(6000):  # loading, the first run's kernel measurements, compiling the decode step
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).read()
                 break
@@ -126,7 +128,8 @@ def run_setting(args: argparse.Namespace, quantize: str, dtype: str) -> dict | N
         server.terminate()
         server.wait(60)
     ratio = many["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
-    return {"quantize": quantize, "dtype": dtype, "single": one, "concurrent": many, "ratio": round(ratio, 2)}
+    return {"quantize": quantize, "dtype": dtype, "compile": compile, "single": one, "concurrent": many,
+            "ratio": round(ratio, 2)}
 
 
 def cpu_line() -> str:
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of one client before measuring")
     ap.add_argument("--max-seq-len", type=int, default=512, help="the server's --max-seq-len")
     ap.add_argument("--threads", type=int, help="the server's intra-op threads (OMP_NUM_THREADS; default: torch's)")
-    ap.add_argument("--settings", default="old,default",
-                    help="comma-separated: old (--quantize none --dtype float32), default (the server's defaults)")
+    ap.add_argument("--settings", default="old,default", help="comma-separated: old (--quantize none --dtype float32 "
+                    "--compile off), default (the server's defaults)")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.ckpt is None:
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     widths = (28, 8, 7, 9, 7, 9, 11, 11, 7)
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
     for name, res in results.items():
-        label = f"{name} ({res['quantize']}/{res['dtype']})"
+        label = f"{name} ({res['quantize']}/{res['dtype']}/{res['compile']})"
         for r in (res["single"], res["concurrent"]):
             print(f"{label:>28} {r['clients']:>8} {r['wall_s']:>7} {r['requests']:>9} {r['tokens']:>7} "
                   f"{r['tokens_per_s']:>9} {r['median_ttft_s']!s:>11} {r['mean_batch']:>11} {r['errors']:>7}")

@@ -16,8 +16,11 @@ from _tiny import tiny_checkpoint
 
 from llmlab.args import LoRAConfig
 from llmlab.checkpoint import load_checkpoint
+from llmlab.generate import generate
+from llmlab.methods import load_adapter
 from llmlab.methods.adapters import adapter_params
 from llmlab.methods.lora import LoRA
+from llmlab.tokenizer import Tokenizer
 
 PROMPTS = ["What does the cat say?", "The dog", "What does the owl say? The owl says", "cow"]
 
@@ -110,3 +113,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def alone(ckpt, prompt_ids, max_tokens, adapter=None, stop=()) -> tuple[str, str]:
+    """What `llmlab.generate.generate` gives for one prompt (with the adapter loaded the training way)."""
+    model = load_checkpoint(ckpt).eval()
+    if adapter is not None:
+        load_adapter(model, adapter)
+    tok = Tokenizer.from_folder(ckpt)
+    out = generate(model, tok, [prompt_ids], max_tokens, stop=stop)[0]
+    return out.text, out.finish_reason
+
+
+def submit_all(engine, reqs) -> list[list[tuple[str, str]]]:
+    """Submit every request while the engine is paused, so they are admitted into one batch; wait for all."""
+    results: list = [None] * len(reqs)
+    with engine.lock:
+        threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, engine.generate(r, 60)))
+                   for i, r in enumerate(reqs)]
+        for t in threads:
+            t.start()
+        assert wait_for(lambda: engine.status()["waiting"] == len(reqs))
+    for t in threads:
+        t.join()
+    return results

@@ -12,9 +12,11 @@ import pytest
 import torch
 from _serve import (
     PROMPTS,
+    alone,
     make_adapter,
     make_fixture,
     one_thread,  # noqa: F401  (a fixture, used through pytestmark)
+    submit_all,
     wait_for,
 )
 from _tiny import tiny_checkpoint
@@ -36,7 +38,6 @@ from llmlab.quantized import FusedQuantLinear, QuantLinear
 from llmlab.serve import load_engine, parse_adapters
 from llmlab.serve.engine import Engine, GenerationRequest, QueueFull
 from llmlab.serve.lora_multi import MultiLoRA, MultiLoRALinear
-from llmlab.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,30 +53,6 @@ def engine(fixture):
     eng, _ = load_engine(ckpt, adapters, max_batch=6, max_seq_len=128, queue_size=8, dtype="float32")
     yield eng
     eng.close()
-
-
-def alone(ckpt, prompt_ids, max_tokens, adapter=None, stop=()) -> tuple[str, str]:
-    """What `llmlab.generate.generate` gives for one prompt (with the adapter loaded the training way)."""
-    model = load_checkpoint(ckpt).eval()
-    if adapter is not None:
-        load_adapter(model, adapter)
-    tok = Tokenizer.from_folder(ckpt)
-    out = generate(model, tok, [prompt_ids], max_tokens, stop=stop)[0]
-    return out.text, out.finish_reason
-
-
-def submit_all(engine, reqs) -> list[list[tuple[str, str]]]:
-    """Submit every request while the engine is paused, so they are admitted into one batch; wait for all."""
-    results: list = [None] * len(reqs)
-    with engine.lock:
-        threads = [threading.Thread(target=lambda i=i, r=r: results.__setitem__(i, engine.generate(r, 60)))
-                   for i, r in enumerate(reqs)]
-        for t in threads:
-            t.start()
-        assert wait_for(lambda: engine.status()["waiting"] == len(reqs))
-    for t in threads:
-        t.join()
-    return results
 
 
 def test_per_row_cache_slots_equal_full_recompute(fixture):

@@ -431,7 +431,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
           max_seq_len: int = 2048, dtype: str = "auto", quantize: str = "auto", device: str = "auto",
           index: Path | None = None, allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False,
-          draft: Path | None = None) -> None:
+          draft: Path | None = None, compile: str = "auto") -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, responses, embeddings,
     streaming) with a chat page.
 
@@ -465,6 +465,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         allow_adapter_loading: Let clients with the API key load and unload LoRA adapters while the server runs
             (POST /v1/load_lora_adapter with a folder on this machine, /v1/unload_lora_adapter); needs --api-key.
         draft: Speculative decoding with a draft model: not supported by serve yet (generate and chat take it).
+        compile: torch.compile the decode step, at start: auto (on a CPU over quantized weights, where it measured
+            faster), on or off. Steps with LoRA adapters in place run eagerly. See docs/serve.md.
     """
     import os
 
@@ -480,7 +482,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
                           "`llmlab chat` take it")
     adapters = parse_adapters(adapter)
     engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
-                                    queue_size=queue_size, dtype=dtype, quantize=quantize, device=device)
+                                    queue_size=queue_size, dtype=dtype, quantize=quantize, device=device,
+                                    compile=compile)
     name = model_name or Path(checkpoint).resolve().name
     if name in adapters:
         raise LLMLabError(f"--adapter name '{name}' is the base model's name; choose another (or --model-name)")
@@ -498,8 +501,8 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
     app = create_app(engine, tokenizer, name, api_key=key, extensions=[copilot],
                      allowed_hosts=allowed_hosts or default_allowed_hosts(host), embeddings=EmbeddingModel(),
                      allow_adapter_loading=allow_adapter_loading)
-    print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}) on http://{host}:{port}/",
-          file=sys.stderr)
+    print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}; decode step {engine.decode_step}) on "
+          f"http://{host}:{port}/", file=sys.stderr)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

@@ -234,25 +234,34 @@ class DecodeStep:
     """Calls one model's decode step (`decode_one_token`, compiled or eager) the way batch-1 speed needs it: the
     filled part of the mask only (CPU) or its full width (CUDA graphs), without oneDNN for batch-1 bf16, and after
     the first step without re-evaluating the compiled code's guards. `_Batch` feeds the model through it, and so
-    does speculative decoding's draft (`llmlab.speculative`)."""
+    do speculative decoding's draft (`llmlab.speculative`) and the serving engine (`llmlab.serve.engine`), whose
+    batch changes size between steps (`batch_size` None: the batch dimension is dynamic, and oneDNN is left out on
+    the steps of one row)."""
 
-    def __init__(self, model: LLaMA, batch_size: int, compile: bool) -> None:
+    def __init__(self, model: LLaMA, batch_size: int | None, compile: bool) -> None:
         device = model.device
         self.model, self.compiled, self.steps, self.trust_guards = model, compile, 0, True
         self.decode = _decode_fn(compile, device)
         self.full_width = compile and device.type != "cpu"  # fixed shapes for CUDA graphs
-        self.native_gemv = device.type == "cpu" and batch_size == 1 and model.dtype == torch.bfloat16
+        self.dynamic_batch = batch_size is None
+        self.native_gemv = device.type == "cpu" and batch_size in (1, None) and model.dtype == torch.bfloat16
 
-    def __call__(self, token: Tensor, pos: Tensor, position_ids: Tensor, step_mask: Tensor, slot: int) -> Tensor:
-        """Feed `token` (B, 1) at cache slot `pos` (1,) (`slot` on the host) with RoPE `position_ids` (B, 1), keys
-        valid as `step_mask` (B, 1, 1, S) says; the next-token logits (B, V) fp32."""
-        with _without_onednn() if self.native_gemv else contextlib.nullcontext():
+    def __call__(self, token: Tensor, pos: Tensor, position_ids: Tensor | None, step_mask: Tensor,
+                 slot: int) -> Tensor:
+        """Feed `token` (B, 1) at cache slot `pos` ((1,), or (B, 1) one per row) (`slot` on the host: the largest)
+        with RoPE `position_ids` (B, 1) (None: the slots), keys valid as `step_mask` (B, 1, 1, S) says; the
+        next-token logits (B, V) fp32."""
+        native_gemv = self.native_gemv and token.size(0) == 1
+        with _without_onednn() if native_gemv else contextlib.nullcontext():
             if not self.compiled:  # eager: attend to the filled slots only
                 logits = self.decode(self.model, token, pos, position_ids, step_mask, slot + 1)
             else:
                 mask = step_mask if self.full_width else step_mask[..., :slot + 1]
                 if not self.full_width:
                     torch._dynamo.mark_dynamic(mask, 3)
+                if self.dynamic_batch:  # one graph for every batch of 2 rows or more (1 is specialised)
+                    for t in (token, pos, mask):
+                        torch._dynamo.maybe_mark_dynamic(t, 0)
                 logits = None
                 if self.steps and self.trust_guards:
                     try:

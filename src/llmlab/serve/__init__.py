@@ -17,6 +17,7 @@ from typing import Any
 from llmlab.errors import LLMLabError
 from llmlab.generate import eos_token_ids
 from llmlab.loading import load_for_inference
+from llmlab.quantized import QuantLinear
 from llmlab.serve.engine import Engine
 from llmlab.serve.lora_multi import MultiLoRA
 
@@ -55,11 +56,24 @@ def default_allowed_hosts(bind_host: str) -> list[str]:
     return list(dict.fromkeys([*local, own]))
 
 
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def _compiles(compile: str, model: Any) -> bool:
+    """Whether the engine compiles its decode step (`--compile`): auto = on a CPU over quantized weights, where it
+    measured faster (a step's many small kernels are where eager PyTorch's per-op cost shows); on; off."""
+    if compile != "auto":
+        return compile == "on"
+    return model.device.type == "cpu" and any(isinstance(m, QuantLinear) for m in model.modules())
+
+
 def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | None = None, max_batch: int = 16,
                 max_seq_len: int = 2048, queue_size: int = 64, dtype: str = "auto", quantize: str = "auto",
-                device: str = "auto") -> Any:
+                device: str = "auto", compile: str = "auto") -> Any:
     """Load CHECKPOINT (`load_for_inference`'s weights, dtype and device choices) and its LoRA adapters and start an
-    `Engine` on them; returns (engine, tokenizer)."""
+    `Engine` on them (its decode step compiled as `_compiles` says); returns (engine, tokenizer)."""
+    if compile not in COMPILE_CHOICES:  # before the slow part
+        raise LLMLabError(f"--compile: expected one of {', '.join(COMPILE_CHOICES)}, got '{compile}'")
     model, tokenizer, gen_config = load_for_inference(checkpoint, device=device, dtype=dtype, quantize=quantize)
     multi = None
     if adapters:
@@ -67,5 +81,6 @@ def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | Non
         for name, folder in adapters.items():
             multi.add(name, folder)
     engine = Engine(model, tokenizer, eos_token_ids(tokenizer, gen_config), max_batch=max_batch,
-                    max_seq_len=max_seq_len, queue_size=queue_size, adapters=multi)
+                    max_seq_len=max_seq_len, queue_size=queue_size, adapters=multi,
+                    compile=_compiles(compile, model))
     return engine, tokenizer

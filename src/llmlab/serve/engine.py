@@ -48,6 +48,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
@@ -60,9 +61,9 @@ from torch import Tensor
 
 from llmlab.errors import LLMLabError
 from llmlab.eval.scoring import TokenScores, token_logprobs
-from llmlab.generate import LogitsProcessor, SamplingParams, TextStream, sample
+from llmlab.generate import DecodeStep, LogitsProcessor, SamplingParams, TextStream, sample
 from llmlab.model import LLaMA
-from llmlab.quantized import keep_dense_copies
+from llmlab.quantized import QuantLinear, keep_dense_copies
 from llmlab.tokenizer import Tokenizer
 
 log = logging.getLogger("llmlab.serve")
@@ -159,7 +160,7 @@ class Engine:
     """The model's one owner: a thread that admits, prefills and decodes requests (see the module docstring)."""
 
     def __init__(self, model: LLaMA, tokenizer: Tokenizer, eos_ids: Iterable[int], max_batch: int = 16,
-                 max_seq_len: int = 2048, queue_size: int = 64, adapters: Any = None) -> None:
+                 max_seq_len: int = 2048, queue_size: int = 64, adapters: Any = None, compile: bool = False) -> None:
         if max_batch < 1 or queue_size < 1:
             raise LLMLabError(f"--max-batch and --queue-size must be at least 1, got {max_batch} and {queue_size}")
         max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
@@ -172,6 +173,11 @@ class Engine:
             added = keep_dense_copies(model)  # a quantized model's batches: the dense GEMM where it is faster
         if added:
             log.info("dense copies of the quantized weights for batches: %.0f MB", added / 2**20)
+        self._eager = DecodeStep(model, None, False)
+        self._compiled = DecodeStep(model, None, True) if compile else None
+        self.decode_step = "eager"  # how decode steps run, for the server's start-up line
+        if compile:
+            self._warm_up()
         self.lock = threading.Lock()  # held for each scheduling round; holding it pauses the engine between steps
         self._cv = threading.Condition()
         self._waiting: deque[GenerationRequest] = deque()
@@ -434,13 +440,44 @@ class Engine:
     def _remember_prefix(self, req: GenerationRequest, row: int) -> None:
         self._prefix[req.adapter] = (list(req.prompt_ids), self.cache.read_row(row, len(req.prompt_ids)))
 
+    def _decode(self, tokens: Tensor, pos: Tensor, slot: int) -> Tensor:
+        """The next-token logits (B, V) of `tokens` (B, 1) fed at each row's own cache slot `pos` (B, 1), `slot` the
+        largest; compiled when the engine is, unless LoRA adapters are in place (their per-row selection is not
+        part of the compiled graph, whose guards are not re-checked: those steps run eagerly)."""
+        step = self._eager if self._compiled is None or self._lora_installed() else self._compiled
+        return step(tokens, pos, None, self.cache.causal[pos][:, None], slot)  # per-row causal mask (B, 1, 1, S)
+
+    def _lora_installed(self) -> bool:
+        return self.adapters is not None and bool(self.adapters.modules)
+
+    def _warm_up(self) -> None:
+        """Compile the decode step, at start, for every batch size the model's forward branches on (one row, two
+        rows and up, and each row count from which some quantized layer switches to its dense copy), so that no
+        request pays a compilation and later steps may skip the guards' checks (`generate.DecodeStep`)."""
+        if self._lora_installed():
+            self.decode_step = "eager (LoRA adapters are served)"
+            log.info("LoRA adapters are served: the decode step runs eagerly (not compiled)")
+            return
+        sizes = {1, 2, self.max_batch} | {m.dense_from for m in self.model.modules()
+                                          if isinstance(m, QuantLinear) and m.dense is not None}
+        sizes = sorted(b for b in sizes if b <= self.max_batch)
+        start, step = time.perf_counter(), self._compiled
+        step.trust_guards = False  # each new size must be compiled, not refused
+        with torch.inference_mode():
+            for b in sizes:
+                for slot in (1, 2):  # the cache's slots are overwritten by the rows' own prefills later
+                    self._decode(torch.zeros(b, 1, dtype=torch.long, device=self.device),
+                                 torch.full((b, 1), slot, device=self.device), slot)
+        step.trust_guards = True
+        self.decode_step = f"compiled for batches of {sizes} rows in {time.perf_counter() - start:.0f} s"
+        log.info("decode step %s", self.decode_step)
+
     def _step(self) -> None:
         rows = self._rows
         tokens = torch.tensor([[r.last] for r in rows], device=self.device)  # (B, 1)
         pos = torch.tensor([[r.pos] for r in rows], device=self.device)  # (B, 1): each row's own slot
-        kv_len = max(r.pos for r in rows) + 1
         with self._adapters([r.req.adapter for r in rows]):
-            logits = self.model(tokens, input_pos=pos, kv_len=kv_len)[:, -1].float()  # (B, V)
+            logits = self._decode(tokens, pos, max(r.pos for r in rows))  # (B, V)
         self.stats["steps"] += 1
         for r in rows:
             r.pos += 1
