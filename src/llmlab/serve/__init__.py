@@ -10,6 +10,7 @@ log-probability formats in `logprobs`, tools and grounding in `copilot`, the cha
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -71,16 +72,38 @@ def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | Non
                 max_seq_len: int = 2048, queue_size: int = 64, dtype: str = "auto", quantize: str = "auto",
                 device: str = "auto", compile: str = "auto") -> Any:
     """Load CHECKPOINT (`load_for_inference`'s weights, dtype and device choices) and its LoRA adapters and start an
-    `Engine` on them (its decode step compiled as `_compiles` says); returns (engine, tokenizer)."""
+    `Engine` on them (its decode step compiled as `_compiles` says); returns (engine, tokenizer).
+
+    The loading, the compilation and every step run on the engine's own thread (`Engine.run` says why: one thread
+    computing keeps torch's OpenMP workers fast); this call waits until the engine is ready, and raises what loading
+    raised."""
     if compile not in COMPILE_CHOICES:  # before the slow part
         raise LLMLabError(f"--compile: expected one of {', '.join(COMPILE_CHOICES)}, got '{compile}'")
-    model, tokenizer, gen_config = load_for_inference(checkpoint, device=device, dtype=dtype, quantize=quantize)
-    multi = None
-    if adapters:
-        multi = MultiLoRA(model)
-        for name, folder in adapters.items():
-            multi.add(name, folder)
-    engine = Engine(model, tokenizer, eos_token_ids(tokenizer, gen_config), max_batch=max_batch,
-                    max_seq_len=max_seq_len, queue_size=queue_size, adapters=multi,
-                    compile=_compiles(compile, model))
-    return engine, tokenizer
+    built: list[Any] = []
+    ready = threading.Event()
+
+    def build_and_run() -> None:
+        try:
+            model, tokenizer, gen_config = load_for_inference(checkpoint, device=device, dtype=dtype,
+                                                              quantize=quantize)
+            multi = None
+            if adapters:
+                multi = MultiLoRA(model)
+                for name, folder in adapters.items():
+                    multi.add(name, folder)
+            engine = Engine(model, tokenizer, eos_token_ids(tokenizer, gen_config), max_batch=max_batch,
+                            max_seq_len=max_seq_len, queue_size=queue_size, adapters=multi,
+                            compile=_compiles(compile, model), start=False)
+            built.append((engine, tokenizer))
+        except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+            built.append(e)
+            return
+        finally:
+            ready.set()
+        engine.run()
+
+    threading.Thread(target=build_and_run, name="llmlab-engine", daemon=True).start()
+    ready.wait()
+    if isinstance(built[0], BaseException):
+        raise built[0]
+    return built[0]

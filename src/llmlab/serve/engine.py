@@ -160,7 +160,8 @@ class Engine:
     """The model's one owner: a thread that admits, prefills and decodes requests (see the module docstring)."""
 
     def __init__(self, model: LLaMA, tokenizer: Tokenizer, eos_ids: Iterable[int], max_batch: int = 16,
-                 max_seq_len: int = 2048, queue_size: int = 64, adapters: Any = None, compile: bool = False) -> None:
+                 max_seq_len: int = 2048, queue_size: int = 64, adapters: Any = None, compile: bool = False,
+                 start: bool = True) -> None:
         if max_batch < 1 or queue_size < 1:
             raise LLMLabError(f"--max-batch and --queue-size must be at least 1, got {max_batch} and {queue_size}")
         max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
@@ -188,8 +189,23 @@ class Engine:
         self._retiring: set[str] = set()  # adapters unloaded while requests still use them
         self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0,
                       "prefix_tokens": 0}
-        self._thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
-        self._thread.start()
+        if start:
+            self._thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
+            self._thread.start()
+        else:  # the constructing thread runs the loop itself (`run`)
+            self._thread = threading.current_thread()
+
+    def run(self) -> None:
+        """Run the engine on the calling thread, the one that constructed it with `start=False`, until `close`.
+
+        Why a server wants that (`llmlab.serve.load_engine`): torch's OpenMP workers are kept per thread that
+        computes, and once two threads have a team of workers on a machine of few cores, libgomp stops letting idle
+        workers spin between parallel regions; a decode step, hundreds of short regions, then took twice as long
+        (SmolLM2-135M on 2 cores, eager and compiled alike). Loading the model and decoding on one thread keeps one
+        team."""
+        if threading.current_thread() is not self._thread:
+            raise RuntimeError("Engine.run: call it on the thread that constructed the engine with start=False")
+        self._loop()
 
     # -- the outside ---------------------------------------------------------------------------------
     def submit(self, req: GenerationRequest) -> GenerationRequest:
@@ -274,7 +290,8 @@ class Engine:
         with self._cv:
             self._closing = True
             self._cv.notify()
-        self._thread.join(timeout=30)
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
         for req in list(self._waiting) + list({id(r.req): r.req for r in self._rows}.values()):
             self._fail(req, "the server is shutting down")
         self._waiting.clear()
