@@ -1,13 +1,14 @@
-"""A machine-local cache of GGUF models as their kernels hold them, so that running a GGUF starts in a second.
+"""A machine-local cache of GGUF models as their kernels hold them, so that a GGUF loads in a fraction of a second.
 
 Building a model from a GGUF (`gguf_import.load_gguf_quantized`) parses the file's metadata (a 49k-token vocabulary
 is ~100k strings), decodes every block into integer codes and packs them into the layout of the kernel measured
-fastest here: ~15-25 s for SmolLM2-135M on a 2-core CPU, against ~1 s for llama.cpp, paid by every
-`llmlab generate`. `load_gguf_cached` pays it once: it saves what it built (the packed buffers and float tensors as
-safetensors, the module layout, config, tokenizer and generation config) in `$LLMLAB_HOME/packed/<key>/`, and
-later loads read that back. The key covers everything the packed form depends on: the GGUF's resolved path, size
-and modification time, the activation dtype, the kernel asked for, the torch version and the CPU capability torch
-runs with; a changed file or another torch is a new entry, never a stale one.
+fastest here: ~3 s of a 6 s start for SmolLM2-135M on an idle 2-core CPU (~20 s on a busy one), paid by every
+`llmlab generate`; llama.cpp starts in under 0.5 s (docs/generate.md). `load_gguf_cached` pays it once: it saves
+what it built (the packed buffers and float tensors as safetensors, the module layout, config, tokenizer and
+generation config) in `$LLMLAB_HOME/packed/<key>/`, and later loads read that back. The key covers everything the
+packed form depends on: the GGUF's resolved path, size and modification time, the activation dtype, the kernel asked
+for, the torch version and the CPU capability torch runs with; a changed file or another torch is a new entry, never
+a stale one.
 
 The layout depends on this CPU and this torch, so the cache is never a checkpoint format (checkpoints keep
 safetensors / GGUF); it lives under llmlab's cache folder only, is written atomically (a temp folder renamed into
