@@ -207,3 +207,17 @@ def test_prepared_cache_rows_copy_read_and_write():
         out = model(torch.tensor([[7], [7]]), input_pos=torch.tensor([[6], [6]]), kv_len=7)[:, -1]
     torch.testing.assert_close(out[0], full, atol=1e-5, rtol=0)
     torch.testing.assert_close(out[1], full, atol=1e-5, rtol=0)
+
+
+def test_a_model_built_on_meta_skips_the_embedding_init(monkeypatch) -> None:
+    """Every load builds on meta and assigns the weights; normal_ on meta costs a one-off import of ~1-2 s."""
+    calls = []
+    real = torch.nn.init.normal_
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: calls.append(t.device.type) or real(t, *a, **k))
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        meta = LLaMA(cfg)
+    assert calls == [] and meta.model.embed_tokens.weight.is_meta
+    cpu = LLaMA(cfg)
+    assert calls == ["cpu"] and 0.5 < cpu.model.embed_tokens.weight.std().item() < 1.5  # N(0, 1) as nn.Embedding's
