@@ -2,7 +2,7 @@
 
 Building a model from a GGUF (`gguf_import.load_gguf_quantized`) parses the file's metadata (a 49k-token vocabulary
 is ~100k strings), decodes every block into integer codes and packs them into the layout of the kernel measured
-fastest here: ~3 s of a 6 s start for SmolLM2-135M on an idle 2-core CPU (~20 s on a busy one), paid by every
+fastest here: ~3 s of a 5 s start for SmolLM2-135M on an idle 2-core CPU (~20 s on a busy one), paid by every
 `llmlab generate`; llama.cpp starts in under 0.5 s (docs/generate.md). `load_gguf_cached` pays it once: it saves
 what it built (the packed buffers and float tensors as safetensors, the module layout, config, tokenizer and
 generation config) in `$LLMLAB_HOME/packed/<key>/`, and later loads read that back. The key covers everything the
