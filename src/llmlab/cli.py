@@ -481,6 +481,10 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         raise LLMLabError("--draft (speculative decoding) is not supported by serve yet; `llmlab generate` and "
                           "`llmlab chat` take it")
     adapters = parse_adapters(adapter)
+    if compile != "off":  # compiling before listening takes a while; say so before the wait
+        print(f"llmlab: loading {checkpoint}; with --compile {compile} the decode step is compiled before the server "
+              "listens (~20 s once torch's compile cache is warm, minutes the first time; --compile off starts at "
+              "once)", file=sys.stderr)
     engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
                                     queue_size=queue_size, dtype=dtype, quantize=quantize, device=device,
                                     compile=compile)
