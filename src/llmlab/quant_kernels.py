@@ -32,8 +32,10 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -479,25 +481,12 @@ def _time_dense(spec: QuantSpec, device: torch.device, kernel: Kernel, act_dtype
     packed, dense = kernel.pack(g), {d: g.dequantize(d) for d in dtypes}
     del g
     out = {}
-    with torch.inference_mode():
-        for m in DENSE_PROBE_ROWS:
-            x = torch.randn(m, spec.in_features).to(device, act_dtype)
-            calls = {"kernel": lambda: kernel.matmul(x, packed, spec)}
-            for d in dtypes:
-                calls[str(d).removeprefix("torch.")] = lambda d=d: F.linear(x.to(d), dense[d])
-            best = dict.fromkeys(calls, float("inf"))
-            for f in calls.values():  # warm-up
-                f()
-            for _ in range(rounds):  # interleaved, so a busy moment of a shared machine hits all alike
-                for name, f in calls.items():
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    t0 = time.perf_counter()
-                    f()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
-            out[str(m)] = {k: round(v, 4) for k, v in best.items()}
+    for m in DENSE_PROBE_ROWS:
+        x = torch.randn(m, spec.in_features).to(device, act_dtype)
+        calls = {"kernel": lambda: kernel.matmul(x, packed, spec)}
+        for d in dtypes:
+            calls[str(d).removeprefix("torch.")] = lambda d=d: F.linear(x.to(d), dense[d])
+        out[str(m)] = {k: round(v, 4) for k, v in _best_ms(calls, device, rounds).items()}
     return out
 
 
@@ -508,16 +497,23 @@ def time_kernels(spec: QuantSpec, device: torch.device, names: list[str], rounds
     x = torch.randn(1, spec.in_features).to(device, torch.bfloat16)
     packed = {name: KERNELS[name].pack(g) for name in names}
     del g
-    best = dict.fromkeys(names, float("inf"))
+    return _best_ms({name: lambda name=name: KERNELS[name].matmul(x, packed[name], spec) for name in names}, device,
+                    rounds)
+
+
+def _best_ms(calls: dict[str, Callable[[], Any]], device: torch.device, rounds: int) -> dict[str, float]:
+    """Best-of-`rounds` milliseconds of each call, after one warm-up call each; the rounds are interleaved, so a busy
+    moment of a shared machine hits every call alike."""
+    best = dict.fromkeys(calls, float("inf"))
     with torch.inference_mode():
-        for name in names:  # warm-up
-            KERNELS[name].matmul(x, packed[name], spec)
+        for f in calls.values():  # warm-up
+            f()
         for _ in range(rounds):
-            for name in names:
+            for name, f in calls.items():
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t0 = time.perf_counter()
-                KERNELS[name].matmul(x, packed[name], spec)
+                f()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 best[name] = min(best[name], (time.perf_counter() - t0) * 1e3)
