@@ -68,10 +68,10 @@ def _layers(model: torch.nn.Module) -> list[tuple[str, str, str]]:
 def test_a_cached_model_is_the_built_one(which: str, dtype: torch.dtype, cache: Path, request: pytest.FixtureRequest,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     gguf = request.getfixturevalue(which)
-    built, tok, gen = load_gguf_cached(gguf, dtype)
+    built, tok, gen = load_gguf_cached(gguf, "cpu", dtype)
     assert len(list(cache.iterdir())) == 1
     _no_building(monkeypatch)
-    cached, tok2, gen2 = load_gguf_cached(gguf, dtype)
+    cached, tok2, gen2 = load_gguf_cached(gguf, "cpu", dtype)
     assert _layers(cached) == _layers(built)
     mine = dict(built.state_dict(keep_vars=True))
     mine.update({n: b for n, b in built.named_buffers()})
@@ -99,7 +99,7 @@ def test_a_changed_file_is_built_again(tied_gguf: Path, cache: Path, tmp_path: P
     copy = tmp_path / "model.gguf"
     copy.write_bytes(tied_gguf.read_bytes())
     key = cache_key(copy, torch.float32, "auto")
-    load_gguf_cached(copy, torch.float32)
+    load_gguf_cached(copy, "cpu", torch.float32)
     assert (cache / key / "layout.json").is_file()
     st = copy.stat()
     os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # rewritten in place
@@ -109,11 +109,11 @@ def test_a_changed_file_is_built_again(tied_gguf: Path, cache: Path, tmp_path: P
 
 
 def test_a_damaged_entry_is_rebuilt(tied_gguf: Path, cache: Path, caplog: pytest.LogCaptureFixture) -> None:
-    want, _, _ = load_gguf_cached(tied_gguf, torch.float32)
+    want, _, _ = load_gguf_cached(tied_gguf, "cpu", torch.float32)
     entry = next(cache.iterdir())
     blob = entry / "model.safetensors"
     blob.write_bytes(blob.read_bytes()[:1000])  # a truncated write, a full disk
-    got, _, _ = load_gguf_cached(tied_gguf, torch.float32)
+    got, _, _ = load_gguf_cached(tied_gguf, "cpu", torch.float32)
     assert "unreadable" in caplog.text
     with torch.inference_mode():
         assert torch.equal(want(IDS), got(IDS))
@@ -128,12 +128,12 @@ def test_only_the_most_recently_used_entries_are_kept(tied_gguf: Path, cache: Pa
         copies[name] = tmp_path / f"{name}.gguf"
         copies[name].write_bytes(tied_gguf.read_bytes())
     entry = {name: cache / cache_key(path, torch.float32, "auto") for name, path in copies.items()}
-    load_gguf_cached(copies["a"], torch.float32)
-    load_gguf_cached(copies["b"], torch.float32)
+    load_gguf_cached(copies["a"], "cpu", torch.float32)
+    load_gguf_cached(copies["b"], "cpu", torch.float32)
     os.utime(entry["a"] / "layout.json", (1e9, 1e9))  # a was used long ago, b a while ago
     os.utime(entry["b"] / "layout.json", (1e9 + 10, 1e9 + 10))
-    load_gguf_cached(copies["a"], torch.float32)  # a hit: a is the most recently used now
-    load_gguf_cached(copies["c"], torch.float32)  # a third entry: b goes
+    load_gguf_cached(copies["a"], "cpu", torch.float32)  # a hit: a is the most recently used now
+    load_gguf_cached(copies["c"], "cpu", torch.float32)  # a third entry: b goes
     assert {p.name for p in cache.iterdir()} == {entry["a"].name, entry["c"].name}
     assert not [p for p in cache.iterdir() if p.name.startswith(".building-")]
 
@@ -141,10 +141,10 @@ def test_only_the_most_recently_used_entries_are_kept(tied_gguf: Path, cache: Pa
 def test_off_and_unwritable(tied_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LLMLAB_PACKED_CACHE", "off")
     assert packed_cache.cache_root() is None
-    model, _, _ = load_gguf_cached(tied_gguf, torch.float32)
+    model, _, _ = load_gguf_cached(tied_gguf, "cpu", torch.float32)
     blocked = tmp_path / "file"
     blocked.write_text("not a folder")
     monkeypatch.setenv("LLMLAB_PACKED_CACHE", str(blocked / "packed"))  # cannot be created
-    again, _, _ = load_gguf_cached(tied_gguf, torch.float32)
+    again, _, _ = load_gguf_cached(tied_gguf, "cpu", torch.float32)
     with torch.inference_mode():
         assert torch.equal(model(IDS), again(IDS))

@@ -119,7 +119,6 @@ def load_base(checkpoint: Path, method: str, base_weights: str = "auto", device:
     import torch
 
     from llmlab.checkpoint import load_checkpoint
-    from llmlab.gguf_import import load_gguf_quantized
     from llmlab.packed_cache import load_gguf_cached
     from llmlab.tokenizer import Tokenizer
     from llmlab.train import training_device
@@ -127,11 +126,7 @@ def load_base(checkpoint: Path, method: str, base_weights: str = "auto", device:
     gguf = gguf_base(checkpoint, method, base_weights)
     if gguf is None:
         return load_checkpoint(checkpoint), Tokenizer.from_folder(checkpoint)
-    dev = training_device(device)
-    if dev.type == "cpu":  # built once, then read back from the packed cache
-        model, tokenizer, _ = load_gguf_cached(gguf, torch.float32)
-    else:
-        model, tokenizer, _ = load_gguf_quantized(gguf, dev, torch.float32)
+    model, tokenizer, _ = load_gguf_cached(gguf, training_device(device), torch.float32)  # CPU: packed once
     print(f"llmlab: training on the quantized blocks of {gguf} (--base_weights float: on the float weights)",
           file=sys.stderr)
     if Path(checkpoint).is_dir():

@@ -25,7 +25,7 @@ import torch
 
 from llmlab.checkpoint import dtype_from_name, load_checkpoint, load_generation_config
 from llmlab.errors import LLMLabError
-from llmlab.gguf_import import kept_gguf, load_gguf_quantized
+from llmlab.gguf_import import kept_gguf
 from llmlab.methods import load_adapter
 from llmlab.model import LLaMA
 from llmlab.packed_cache import load_gguf_cached
@@ -86,10 +86,7 @@ def load_for_inference(path: str | Path, adapters: Sequence[str | Path] = (), *,
     source, gguf = weights_source(path, quantize, dev)
     path = Path(path)
     if source == "gguf":
-        if dev.type == "cpu":  # built once, then read back from the packed cache in about a second
-            model, tokenizer, gen_config = load_gguf_cached(gguf, torch_dtype, kernel)
-        else:
-            model, tokenizer, gen_config = load_gguf_quantized(gguf, dev, torch_dtype, kernel)
+        model, tokenizer, gen_config = load_gguf_cached(gguf, dev, torch_dtype, kernel)  # CPU: packed once
         if path.is_dir():  # the folder's own tokenizer and generation config, as for its float weights
             tokenizer, gen_config = Tokenizer.from_folder(path), load_generation_config(path)
     else:

@@ -63,14 +63,16 @@ def cache_key(gguf: Path, dtype: torch.dtype, kernel: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def load_gguf_cached(gguf: str | Path, dtype: torch.dtype, kernel: str = "auto") -> tuple[LLaMA, Tokenizer, dict]:
-    """`gguf_import.load_gguf_quantized(gguf, "cpu", dtype, kernel)`, read from the cache when it holds the file's
-    entry, else built and then saved there (a cache that cannot be written only costs the next load its time)."""
+def load_gguf_cached(gguf: str | Path, device: torch.device | str, dtype: torch.dtype,
+                     kernel: str = "auto") -> tuple[LLaMA, Tokenizer, dict]:
+    """`gguf_import.load_gguf_quantized(gguf, device, dtype, kernel)`; on a CPU read from the cache when it holds
+    the file's entry, else built and then saved there (a cache that cannot be written only costs the next load its
+    time). Other devices (and a cache turned off) always build."""
     from llmlab.gguf_import import load_gguf_quantized
 
     root = cache_root()
-    if root is None:
-        return load_gguf_quantized(gguf, "cpu", dtype, kernel)
+    if root is None or torch.device(device).type != "cpu":
+        return load_gguf_quantized(gguf, device, dtype, kernel)
     entry = root / cache_key(Path(gguf), dtype, kernel)
     if (entry / "layout.json").is_file():
         try:
