@@ -540,7 +540,7 @@ def load_gguf_quantized(gguf_path: str | Path, device: torch.device | str = "cpu
     head = embed if config.tie_word_embeddings else need("lm_head.weight")
     model.lm_head = as_module(head, None, head=True)  # fp32 logits
     if isinstance(embed, Tensor):
-        model.model.embed_tokens = nn.Embedding(*embed.shape, device="meta")
+        model.model.embed_tokens = nn.Embedding(*embed.shape, _weight=embed)  # a given table skips the random init
         model.model.embed_tokens.weight = nn.Parameter(embed, requires_grad=False)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
