@@ -186,16 +186,21 @@ def _read(entry: Path) -> tuple[LLaMA, Tokenizer, dict]:
             params[id(t)] = nn.Parameter(t, requires_grad=False)
         return params[id(t)]
 
-    def own(path: str) -> dict[str, Tensor]:
-        """The tensors of the module at `path` itself, by name."""
-        prefix = f"{path}." if path else ""
-        return {k[len(prefix):]: t for k, t in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+    own: dict[str, dict[str, Tensor]] = {}  # module path -> its own tensors by name
+    for key, t in tensors.items():
+        path, _, name = key.rpartition(".")
+        own.setdefault(path, {})[name] = t
+    rebuilt = layout["modules"]
+
+    def inside_rebuilt(path: str) -> bool:
+        """Whether `path` lies inside a module rebuilt whole (a fused layer's parts, an embedding's table)."""
+        return any(path[:i] in rebuilt for i, c in enumerate(path) if c == ".")
 
     def build(path: str) -> nn.Module:
         if path in built:
             return built[path]
         desc = layout["modules"][path]
-        kind, t = desc["type"], own(path)
+        kind, t = desc["type"], own.get(path, {})
         if kind == "quant":
             out = None if desc["out_dtype"] is None else _DTYPES[desc["out_dtype"]]
             buffers = {k: v for k, v in t.items() if k != "bias"}
@@ -214,24 +219,22 @@ def _read(entry: Path) -> tuple[LLaMA, Tokenizer, dict]:
             if desc["bias"]:
                 m.bias = param(t["bias"])
         elif kind == "embedding":
-            m = nn.Embedding(*t["weight"].shape, device="meta")
-            m.weight = param(t["weight"])
+            m = nn.Embedding(*t["weight"].shape, _weight=t["weight"])  # a given table skips the random init
+            m.weight = param(t["weight"])  # frozen, and shared with a tied head
         else:
             raise ValueError(f"unknown module type {kind!r} at {path}")
         built[path] = m
         return m
 
-    for path in layout["modules"]:
-        parent = path.rpartition(".")[0]
-        if any(parent == p or parent.startswith(p + ".") for p in layout["modules"] if p):
-            continue  # inside a rebuilt module (a fused layer's parts, an embedding's table): built with it
-        model.set_submodule(path, build(path))
-    for key, t in tensors.items():  # the rest: norms and any float tensors of modules LLaMA(config) has
-        path, _, name = key.rpartition(".")
-        if path in layout["modules"] or any(path.startswith(p + ".") for p in layout["modules"] if p):
+    for path in rebuilt:
+        if not inside_rebuilt(path):  # what is inside was built with it
+            model.set_submodule(path, build(path))
+    for path, named in own.items():  # the rest: norms and any float tensors of modules LLaMA(config) has
+        if path in rebuilt or inside_rebuilt(path):
             continue
         module = model.get_submodule(path)
-        setattr(module, name, t if name in module._buffers else param(t))
+        for name, t in named.items():
+            setattr(module, name, t if name in module._buffers else param(t))
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if left:
         raise ValueError(f"no tensors for {left[:5]}")
