@@ -168,8 +168,9 @@ MIXED_TYPES = {"token_embd.weight": "Q8_0",
                "blk.1.ffn_down.weight": "Q6_K"}
 
 
-def tiny_mixed_gguf(path: Path) -> Path:
-    """A tiny tied llama GGUF whose projections use the `MIXED_TYPES` block formats (for training on blocks)."""
-    cfg, model = tiny_hf_model(tie=True)
+def tiny_mixed_gguf(path: Path, types: dict[str, str] = MIXED_TYPES, seed: int = 0) -> Path:
+    """A tiny tied llama GGUF whose tensors use the block formats of `types` (default `MIXED_TYPES`, which training
+    on blocks supports; a tensor left out is F32)."""
+    cfg, model = tiny_hf_model(tie=True, seed=seed)
     sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    return write_llama_gguf(path, cfg, sd, types=MIXED_TYPES)
+    return write_llama_gguf(path, cfg, sd, types=types)

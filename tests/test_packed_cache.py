@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _gguf_writer import MIXED_TYPES, tiny_hf_model, write_llama_gguf
+from _gguf_writer import MIXED_TYPES, tiny_hf_model, tiny_mixed_gguf, write_llama_gguf
 
 from llmlab import gguf_import, packed_cache
 from llmlab.packed_cache import cache_key, load_gguf_cached
@@ -21,10 +21,7 @@ IDS = torch.tensor([[5, 40, 200, 7, 99, 3, 150, 42]])
 @pytest.fixture(scope="module")
 def tied_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tied embeddings read from the head's Q8_0 table; fused projections of one format and of mixed ones (F16)."""
-    cfg, model = tiny_hf_model(tie=True)
-    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    return write_llama_gguf(tmp_path_factory.mktemp("tied") / "tied.gguf", cfg, sd,
-                            types={**MIXED_TYPES, "blk.1.attn_v.weight": "F16"})
+    return tiny_mixed_gguf(tmp_path_factory.mktemp("tied") / "tied.gguf", {**MIXED_TYPES, "blk.1.attn_v.weight": "F16"})
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +35,8 @@ def untied_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tied_float_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A float (F32) embedding that is also the head: one tensor under two names."""
-    cfg, model = tiny_hf_model(tie=True, seed=2)
-    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
     types = {k: v for k, v in MIXED_TYPES.items() if k != "token_embd.weight"}
-    return write_llama_gguf(tmp_path_factory.mktemp("tiedf") / "tiedf.gguf", cfg, sd, types=types)
+    return tiny_mixed_gguf(tmp_path_factory.mktemp("tiedf") / "tiedf.gguf", types, seed=2)
 
 
 @pytest.fixture()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _gguf_writer import tiny_hf_model, write_llama_gguf
+from _gguf_writer import tiny_mixed_gguf
 
 import llmlab.hardware as hardware
 import llmlab.quant_kernels as qk
@@ -309,9 +309,7 @@ TYPES = {"token_embd.weight": "Q8_0",
 
 @pytest.fixture(scope="module")
 def tiny_quant_gguf(tmp_path_factory):
-    cfg, model = tiny_hf_model(tie=True)
-    sd = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    return write_llama_gguf(tmp_path_factory.mktemp("q") / "tiny.gguf", cfg, sd, types=TYPES)
+    return tiny_mixed_gguf(tmp_path_factory.mktemp("q") / "tiny.gguf", TYPES)
 
 
 def test_model_from_gguf_blocks_matches_the_float_import(tiny_quant_gguf, tmp_path):
