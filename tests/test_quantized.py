@@ -1,5 +1,6 @@
 """Quantized weights: GGUF block decoders against references, the kernels against F.linear, the layers (rows,
-backward, dtype moves), models loaded from GGUF blocks against the float import, kernel choice and bf16 detection."""
+backward, dtype moves), models loaded from GGUF blocks against the float import, kernel choice, training on the
+blocks (bf16 detection: test_hardware.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from _gguf_writer import tiny_mixed_gguf
 
-import llmlab.hardware as hardware
 import llmlab.quant_kernels as qk
 import llmlab.quantized as quantized_module
 from llmlab.errors import LLMLabError
@@ -400,26 +400,6 @@ def test_auto_choice_is_measured_once_and_cached(tmp_path, monkeypatch):
         choose_kernel(spec, torch.device("cpu"), "fast")
 
 
-@pytest.mark.parametrize("flags,capability,expected", [({"avx512f", "avx512_bf16"}, "AVX512", True),
-                                                        ({"avx2", "amx_bf16"}, "AVX512", True),
-                                                        ({"avx512f", "avx512_bf16"}, "AVX2", False),
-                                                        ({"avx2", "fma"}, "AVX2", False)])
-def test_native_bf16_detection(monkeypatch, flags, capability, expected):
-    from llmlab.checkpoint import dtype_from_name
-
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-    monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
-    monkeypatch.setattr(hardware.platform, "machine", lambda: "x86_64")
-    hardware.native_bf16.cache_clear()
-    try:
-        assert hardware.native_bf16("cpu") is expected
-        cpu = torch.device("cpu")
-        assert dtype_from_name("auto", cpu, bf16_if_native=True) == (torch.bfloat16 if expected else torch.float32)
-        assert dtype_from_name("auto", cpu) == torch.float32  # the default is unchanged
-    finally:
-        hardware.native_bf16.cache_clear()
-
-
 # -- the default model -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_default_gguf_quantized_keeps_perplexity_and_greedy_text(default_gguf, default_ckpt):
@@ -504,7 +484,7 @@ def test_int4_bf16_dequantize_is_the_fp32_weights_rounded():
                        layer.dequantize(torch.float32, 64, 192).to(torch.bfloat16))
 
 
-def _tiny_lora_on_quantized_blocks():
+def _tiny_lora_on_quantized_blocks(dense_base: bool | None = False):
     from llmlab.args import LoRAConfig
     from llmlab.config import ModelConfig
     from llmlab.methods import make_method
@@ -515,15 +495,16 @@ def _tiny_lora_on_quantized_blocks():
     model = quantize_model(build_model(ModelConfig.from_name("tiny", vocab_size=300)), "int4")
     method = make_method("lora", lora=LoRAConfig(r=4, alpha=8, targets="all"))
     model = method.prepare(model)
-    amp = setup_precision(model, method, "bf16", torch.device("cpu"))
+    amp = setup_precision(model, method, "bf16", torch.device("cpu"), dense_base)
     return model, method, amp
 
 
 @pytest.mark.slow
-def test_compiled_blocks_train_lora_on_quantized_blocks_as_eager_does():
+@pytest.mark.parametrize("dense_base", [False, True])
+def test_compiled_blocks_train_lora_on_quantized_blocks_as_eager_does(dense_base):
     """LoRA over QuantLinear bases under bf16 autocast, blocks compiled (train.compile): the dequantize + GEMM custom
-    op keeps each block one graph (no graph break) and the losses follow eager's within bf16 rounding (2%: the
-    compiled blocks fuse the norms and casts, which rounds differently)."""
+    op (or the dense copies, `train.dense_base`) keeps each block one graph (no graph break) and the losses follow
+    eager's within bf16 rounding (2%: the compiled blocks fuse the norms and casts, which rounds differently)."""
     from torch._dynamo.utils import counters
 
     from llmlab.args import TrainConfig
@@ -536,7 +517,7 @@ def test_compiled_blocks_train_lora_on_quantized_blocks_as_eager_does():
     torch._dynamo.reset()
     counters.clear()
     for compiled in (False, True):
-        model, method, amp = _tiny_lora_on_quantized_blocks()
+        model, method, amp = _tiny_lora_on_quantized_blocks(dense_base)
         assert isinstance(model.model.layers[0].mlp.gate_up_proj.base, QuantLinear)
         if compiled:
             assert compile_blocks(model) == 2
@@ -563,3 +544,81 @@ def test_training_keeps_a_dense_copy_of_a_quantized_head_under_autocast_only():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, labels=ids)
     assert torch.isfinite(loss)
+
+
+def _lora_curve(model, method, amp, steps: int = 4) -> tuple[list[float], list[torch.Tensor]]:
+    """Training losses of `steps` LoRA steps on one batch, and the trained parameters."""
+    from llmlab.args import TrainConfig
+    from llmlab.train import Env, build_optimizer, train_step
+
+    tokens = torch.randint(0, 300, (4, 33), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]}
+    named = method.trainable_parameters(model)
+    optimizer = build_optimizer(named, TrainConfig(lr=3e-2, weight_decay=0.0), Env())
+    params = [p for _, p in named]
+    losses = [float(train_step(model, method, optimizer, params, [batch], 1.0, amp)[0]) for _ in range(steps)]
+    return losses, [p.detach().clone() for p in params]
+
+
+def test_training_copies_of_the_blocks_train_as_the_dequantizing_path_does():
+    """train.dense_base: every quantized projection keeps a bf16 copy equal to its dequantized weights (the
+    embedding table read by rows keeps none beyond the tied head's) and LoRA trains to the losses and weights of
+    the path that dequantizes a chunk at a time (the same bf16 weights, GEMMs blocked differently)."""
+    runs = {}
+    for dense in (False, True):
+        model, method, amp = _tiny_lora_on_quantized_blocks(dense)
+        table = model.model.embed_tokens.source
+        assert table is not model.lm_head  # untied: the table is read by rows only
+        projections = [m for m in model.modules() if isinstance(m, QuantLinear) and m is not table]
+        assert table.dense is None
+        if dense:
+            assert all(m.dense is not None and m.dense.dtype == torch.bfloat16 for m in projections)
+            for m in projections:
+                assert torch.equal(m.dense, m.dequantize(torch.bfloat16))
+            assert quantized_module.training_copy_bytes(model, torch.bfloat16) == 0  # nothing left to copy
+        else:
+            assert all(m.dense is None for m in projections if m is not model.lm_head)
+        runs[dense] = _lora_curve(model, method, amp)
+    (loss0, params0), (loss1, params1) = runs[False], runs[True]
+    assert loss0[-1] < loss0[0]
+    torch.testing.assert_close(torch.tensor(loss1), torch.tensor(loss0), rtol=2e-3, atol=0)
+    for a, b in zip(params1, params0):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+
+
+def test_dense_base_auto_keeps_copies_only_where_they_fit_and_under_autocast(monkeypatch):
+    import llmlab.hardware as hardware
+    import llmlab.train as train_module
+    from llmlab.args import LoRAConfig
+    from llmlab.config import ModelConfig
+    from llmlab.methods import make_method
+    from llmlab.model import build_model
+
+    def prepared():
+        torch.manual_seed(0)
+        model = quantize_model(build_model(ModelConfig.from_name("tiny", vocab_size=300)), "int4")
+        method = make_method("lora", lora=LoRAConfig(r=4, alpha=8, targets="all"))
+        return method.prepare(model), method
+
+    cpu = torch.device("cpu")
+    model, method = prepared()
+    need = quantized_module.training_copy_bytes(model, torch.bfloat16)
+    q_proj = model.model.layers[0].self_attn.qkv_proj.base
+    assert need > 0
+    monkeypatch.setattr(hardware, "available_memory", lambda device: 4 * need - 1)  # the copies would take > 1/4
+    assert not train_module.dense_base_auto(None, model, torch.bfloat16, cpu)
+    train_module.setup_precision(model, method, "bf16", cpu)
+    assert q_proj.dense is None
+    assert train_module.dense_base_auto(True, model, torch.bfloat16, cpu)  # asked for: kept whatever the memory
+    monkeypatch.setattr(hardware, "available_memory", lambda device: 4 * need)
+    assert train_module.dense_base_auto(None, model, torch.bfloat16, cpu)
+    assert not train_module.dense_base_auto(False, model, torch.bfloat16, cpu)
+    monkeypatch.setattr(hardware, "available_memory", lambda device: None)  # unknown: blocks only
+    assert not train_module.dense_base_auto(None, model, torch.bfloat16, cpu)
+    assert not train_module.dense_base_auto(None, model, None, cpu)  # fp32: never under auto
+    with pytest.raises(LLMLabError, match="dense_base true needs bf16 autocast"):
+        train_module.setup_precision(model, method, "fp32", cpu, dense_base=True)
+    model, method = prepared()
+    monkeypatch.setattr(hardware, "available_memory", lambda device: 2**40)
+    train_module.setup_precision(model, method, "bf16", cpu)
+    assert model.model.layers[0].self_attn.qkv_proj.base.dense.dtype == torch.bfloat16

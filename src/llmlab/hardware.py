@@ -1,4 +1,5 @@
-"""What the machine can compute fast: native bf16 on the CPU, and a key naming the CPU for cached measurements.
+"""What the machine can compute fast: native bf16 on the CPU, the memory free for optional copies, and a key naming
+the CPU for cached measurements.
 
 Every `auto` precision choice asks `native_bf16` (generation, chat, evaluation and serving today; training
 precision later), and the quantized kernels' measured verdicts are cached under `machine_key`, so a verdict
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
 from pathlib import Path
 
@@ -73,3 +75,24 @@ def machine_key() -> str:
         model = platform.processor()
     raw = "|".join([platform.machine(), model, " ".join(sorted(cpu_flags())), cpu_capability(), torch.__version__])
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def available_memory(device: torch.device | str = "cpu") -> int | None:
+    """Bytes `device` can still give without swapping or running out: a CUDA device's free memory; the system's
+    MemAvailable on Linux (free + reclaimable caches), else its physical memory not in use where the OS says so;
+    None where unknown. For choices that trade memory for speed (`train.dense_base_auto`)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0] if torch.cuda.is_available() else None
+    if dev.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

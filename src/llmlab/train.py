@@ -164,7 +164,9 @@ def wrap_model(model: nn.Module, env: Env) -> nn.Module:
     if env.strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+        # buffers (RoPE tables, quantized blocks and their dense copies) never change: not broadcast every forward
+        return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                       broadcast_buffers=False)
     if env.strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -203,7 +205,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None if amp == torch.float32 else amp
 
 
-def setup_precision(model: nn.Module, method: Method, precision: str, device: torch.device) -> torch.dtype | None:
+def setup_precision(model: nn.Module, method: Method, precision: str, device: torch.device,
+                    dense_base: bool | None = None) -> torch.dtype | None:
     """Give a prepared model the dtypes of a precision option; returns the autocast dtype (None: no autocast).
 
     bf16-true casts every floating parameter to bf16 (no fp32 master weights: least memory, fastest, AdamW
@@ -214,18 +217,26 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
     runs in that dtype too, as the frozen embedding gives it. A quantized LM head (GGUF blocks) keeps a dense copy
     in that dtype (`QuantLinear.keep_dense`: 2 bytes a weight, 57 MB for SmolLM2's tied 49152 x 576 head): the
     fused loss multiplies by the whole head every step, and dequantizing it each time cost ~7% of a LoRA step,
-    while the loss held a dequantized copy during the step anyway (so the peak memory hardly moves).
+    while the loss held a dequantized copy during the step anyway (so the peak memory hardly moves). The quantized
+    blocks keep dense copies in that dtype too where `dense_base_auto` says so (`quantized.keep_training_copies`).
     """
     if precision == "bf16-true":
         model.to(torch.bfloat16)
         return None
     amp = autocast_dtype(precision, device)
+    dense = not method.saves_frozen and dense_base_auto(dense_base, model, amp, device)
     if amp is not None and not method.saves_frozen:
-        from llmlab.quantized import DENSE_MIN_ROWS, QuantLinear
+        from llmlab.quantized import DENSE_MIN_ROWS, QuantLinear, keep_training_copies
 
         head = getattr(model, "lm_head", None)
         if isinstance(head, QuantLinear) and getattr(model, "fused_loss", False) and head.dense is None:
             head.keep_dense(DENSE_MIN_ROWS, amp)  # the fused loss reads the whole head every step (see docstring)
+        if dense:
+            added = keep_training_copies(model, amp)
+            if added:
+                print(f"llmlab: the quantized base keeps a dense {str(amp).removeprefix('torch.')} copy while "
+                      f"training ({added / 2**20:,.1f} MiB; --train.dense_base false: blocks only, slower)",
+                      file=sys.stderr)
         with torch.no_grad():
             for p in model.parameters():
                 if not p.requires_grad and p.is_floating_point() and p.dtype != amp:
@@ -237,6 +248,32 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
                     if b is not None and b.is_floating_point() and b.dtype != amp:
                         setattr(module, name, b.to(amp))
     return amp
+
+
+DENSE_BASE_AUTO_SHARE = 4  # train.dense_base auto: the copies may take up to 1/4 of the memory available
+
+
+def dense_base_auto(dense_base: bool | None, model: nn.Module, amp: torch.dtype | None, device: torch.device) -> bool:
+    """Whether a quantized base keeps dense copies in the autocast dtype `amp` while training (`--train.dense_base`):
+    as given, but never without autocast (fp32 copies would be the float weights this path exists to avoid; a
+    float base is the choice then: `--base_weights float`); None (auto) when the copies take at most
+    1/DENSE_BASE_AUTO_SHARE of the memory `device` has available (`hardware.available_memory`)."""
+    from llmlab.hardware import available_memory
+    from llmlab.quantized import training_copy_bytes
+
+    if dense_base is False:
+        return False
+    if amp is None:
+        if dense_base and training_copy_bytes(model, torch.float32):
+            raise LLMLabError("--train.dense_base true needs bf16 autocast (--train.precision bf16, or auto on a "
+                              "CPU with native bf16): an fp32 copy of the base is its float weights, which "
+                              "--base_weights float trains on directly")
+        return False
+    need = training_copy_bytes(model, amp)
+    if dense_base:
+        return need > 0
+    free = available_memory(device)
+    return need > 0 and free is not None and need * DENSE_BASE_AUTO_SHARE <= free
 
 
 def compile_blocks(model: nn.Module) -> int:
@@ -521,7 +558,7 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
     torch.manual_seed(cfg.seed + env.rank)  # per-process randomness of the methods (the data has its own)
 
     raw = method.prepare(model.to(env.device))
-    amp = setup_precision(raw, method, cfg.precision, env.device)
+    amp = setup_precision(raw, method, cfg.precision, env.device, cfg.dense_base)
     if cfg.activation_checkpointing:
         raw.gradient_checkpointing = True
     compiled = compile_auto(cfg.compile, method, amp, env.device, max_steps)
