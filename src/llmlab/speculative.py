@@ -20,6 +20,8 @@ would have seen them). Rolling back costs nothing: both caches are written slot 
 the slots up to its own position (the causal mask of the model's `Cache`; the filled width of the draft's key mask,
 whose stale entries are switched off on rewind), so entries past the accepted prefix are never read and are
 overwritten by the next round. Only batch-1 decoding is speculative: several prompts are decoded one after another.
+The serving engine's rounds for a request running alone (`llmlab.serve.draft`) are made of the same pieces: the
+draft's `DraftFeed`, `propose` and the rule `accept_drafted`.
 """
 
 from __future__ import annotations

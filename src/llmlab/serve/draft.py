@@ -75,7 +75,7 @@ class EngineDraft:
             while n < len(held) and held[n] == seq[n]:
                 n += 1
             self.feed.rewind(n)
-            self.owner = req.id
+        self.owner, self.held = None, []  # until the round ends: a round that raised leaves nothing to build on
         params, rng = req.sampling, req.generator
         drafted, q = propose(self.feed, seq, k, params, rng)
         device = model.device
@@ -84,7 +84,7 @@ class EngineDraft:
         logits = model(x, input_pos=slots, kv_len=pos + k + 1)[0].float()  # (k + 1, V)
         out = accept_drafted(sampling_logits(logits, params), drafted, q, params, rng)
         self.feed.rewind(min(self.feed.filled, len(seq) + len(out) - 1))
-        self.held = seq + out
+        self.owner, self.held = req.id, seq + out
         self.stats["drafted"] += k
         self.stats["kept"] += len(out) - 1
         return out
