@@ -12,11 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from _serve import (
-    alone,
-    make_adapter,
-    one_thread,  # noqa: F401  (a fixture, used through pytestmark)
-    )
+from _serve import alone, make_adapter, one_thread  # noqa: F401  (one_thread: a fixture, used through pytestmark)
 from _tiny import tiny_checkpoint
 
 from llmlab.checkpoint import load_checkpoint, save_checkpoint
@@ -49,10 +45,9 @@ def ckpts(tmp_path_factory):
     target = tiny_checkpoint(root / "target", seed=0, std=0.1)
     other_tok = train_bpe_tokenizer(["completely different text for another vocabulary"] * 20, 300,
                                     eos_token="<|im_end|>")
-    foreign = load_checkpoint(tiny_checkpoint(root / "foreign", seed=2))
     return {"target": target, "other": tiny_checkpoint(root / "other", seed=1, std=0.1),
             "noisy": noisy_copy(target, root / "noisy", 0.01), "adapter": make_adapter(target, root / "alpha", 1),
-            "foreign_tokenizer": save_checkpoint(foreign, root / "foreign", tokenizer=other_tok)}
+            "foreign_tokenizer": save_checkpoint(load_checkpoint(target), root / "foreign", tokenizer=other_tok)}
 
 
 @pytest.fixture(scope="module")
