@@ -10,6 +10,11 @@ wall time. Prints the CPU flags, both phases of each setting (tokens/s, requests
 token), the ratio aggregate / single, and one client's speed-up of the default over the old setting; exits 1 if any
 request failed.
 
+With `--draft CKPT` the default setting is measured a second time as "default+draft" (`llmlab serve --draft CKPT
+--draft-tokens K`), so one run shows one client with and without speculative decoding (which only a request running
+alone uses: the clients' phase mostly batches), with the share of drafted tokens kept. With a draft the "mean batch"
+column counts tokens per decoding forward (a round's kept drafts included).
+
     flock /tmp/llmlab-cpu.lock .venv/bin/python benchmarks/bench_serve.py --clients 16 --duration 60
 """
 
@@ -85,12 +90,14 @@ async def phase(base_url: str, model: str, clients: int, duration: float, max_to
         wall = time.perf_counter() - start
     after = health(base_url)
     steps = after["steps"] - before["steps"]
+    drafted, kept = (after.get(k, 0) - before.get(k, 0) for k in ("drafted", "kept"))
     return {"clients": clients, "mean_batch": round((after["tokens"] - before["tokens"]) / max(steps, 1), 1),
             "prefill_tokens_reused": after["prefix_tokens"] - before["prefix_tokens"], "wall_s": round(wall, 1),
             "requests": stats["requests"], "tokens": stats["tokens"],
             "tokens_per_s": round(stats["tokens"] / wall, 2), "errors": len(stats["errors"]),
             "first_errors": stats["errors"][:3],
-            "median_ttft_s": round(statistics.median(stats["ttft"]), 3) if stats["ttft"] else None}
+            "median_ttft_s": round(statistics.median(stats["ttft"]), 3) if stats["ttft"] else None,
+            "drafted": drafted, "kept": kept}
 
 
 # (--quantize, --dtype, --compile) of each server setting measured; "old" is issue 16's before: fp32 float weights,
@@ -98,12 +105,16 @@ async def phase(base_url: str, model: str, clients: int, duration: float, max_to
 SETTINGS = {"old": ("none", "float32", "off"), "default": ("auto", "auto", "auto")}
 
 
-def run_setting(args: argparse.Namespace, quantize: str, dtype: str, compile: str) -> dict | None:
-    """Start `llmlab serve` with these weights, run the warm-up, one client, then `--clients` clients; stop it."""
+def run_setting(args: argparse.Namespace, quantize: str, dtype: str, compile: str, draft: Path | None = None
+                ) -> dict | None:
+    """Start `llmlab serve` with these weights (and `draft`), run the warm-up, one client, then `--clients` clients;
+    stop it."""
     port = free_port()
     cmd = [sys.executable, "-m", "llmlab.cli", "serve", str(args.ckpt), "--port", str(port), "--model-name", "bench",
            "--max-batch", str(args.clients), "--queue-size", str(4 * args.clients), "--max-seq-len",
            str(args.max_seq_len), "--dtype", dtype, "--quantize", quantize, "--compile", compile]
+    if draft is not None:
+        cmd += ["--draft", str(draft), "--draft-tokens", str(args.draft_tokens)]
     env = {**os.environ, "LLMLAB_API_KEY": ""}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -129,7 +140,7 @@ def run_setting(args: argparse.Namespace, quantize: str, dtype: str, compile: st
         server.wait(60)
     ratio = many["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else float("nan")
     return {"quantize": quantize, "dtype": dtype, "compile": compile, "single": one, "concurrent": many,
-            "ratio": round(ratio, 2)}
+            "ratio": round(ratio, 2), "draft": None if draft is None else str(draft)}
 
 
 def cpu_line() -> str:
@@ -153,6 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, help="the server's intra-op threads (OMP_NUM_THREADS; default: torch's)")
     ap.add_argument("--settings", default="old,default", help="comma-separated: old (--quantize none --dtype float32 "
                     "--compile off), default (the server's defaults)")
+    ap.add_argument("--draft", type=Path, help="also measure the default setting with this draft model "
+                                               "(`llmlab serve --draft`)")
+    ap.add_argument("--draft-tokens", type=int, default=4, help="with --draft: tokens drafted per round")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
     if args.ckpt is None:
@@ -167,20 +181,23 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not names:
         print(f"bench_serve: --settings: unknown {unknown}; expected some of {', '.join(SETTINGS)}", file=sys.stderr)
         return 2
+    runs = [(name, *SETTINGS[name], None) for name in names]
+    if args.draft is not None:
+        runs.append(("default+draft", *SETTINGS["default"], args.draft))
     results = {}
-    for name in names:
-        result = run_setting(args, *SETTINGS[name])
+    for name, *setting in runs:
+        result = run_setting(args, *setting)
         if result is None:
             return 2
         results[name] = result
     print(cpu_line())
     header = ("setting", "clients", "wall s", "requests", "tokens", "tokens/s", "TTFT p50 s", "mean batch", "errors")
-    widths = (28, 8, 7, 9, 7, 9, 11, 11, 7)
+    widths = (34, 8, 7, 9, 7, 9, 11, 11, 7)
     print(" ".join(f"{h:>{w}}" for h, w in zip(header, widths)))
     for name, res in results.items():
         label = f"{name} ({res['quantize']}/{res['dtype']}/{res['compile']})"
         for r in (res["single"], res["concurrent"]):
-            print(f"{label:>28} {r['clients']:>8} {r['wall_s']:>7} {r['requests']:>9} {r['tokens']:>7} "
+            print(f"{label:>34} {r['clients']:>8} {r['wall_s']:>7} {r['requests']:>9} {r['tokens']:>7} "
                   f"{r['tokens_per_s']:>9} {r['median_ttft_s']!s:>11} {r['mean_batch']:>11} {r['errors']:>7}")
     for name, res in results.items():
         print(f"{name}: aggregate throughput ratio, {args.clients} clients / 1 client: {res['ratio']:.2f}x "
@@ -190,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
         speedup = new["single"]["tokens_per_s"] / old["single"]["tokens_per_s"] if old["single"]["tokens_per_s"] else 0
         print(f"1 client, default / old: {speedup:.2f}x (goal >= 3x); TTFT p50 default {new['single']['median_ttft_s']}"
               f" s vs old {old['single']['median_ttft_s']} s (goal: no worse)")
+    if "default" in results and "default+draft" in results:
+        plain, spec = results["default"]["single"], results["default+draft"]["single"]
+        ratio = spec["tokens_per_s"] / plain["tokens_per_s"] if plain["tokens_per_s"] else float("nan")
+        kept = f"{spec['kept'] / spec['drafted']:.0%}" if spec["drafted"] else "n/a"
+        print(f"1 client, default+draft / default: {ratio:.2f}x; drafts kept {kept} ({spec['kept']} of "
+              f"{spec['drafted']}); {args.clients} clients kept {results['default+draft']['concurrent']['kept']} of "
+              f"{results['default+draft']['concurrent']['drafted']}")
     errors = False
     for name, res in results.items():
         for r in (res["single"], res["concurrent"]):

@@ -224,8 +224,3 @@ def test_default_model_with_its_every_other_layer_student_decodes_the_same_text(
     assert (spec.text, spec.token_ids) == (plain.text, plain.token_ids) and len(plain.token_ids) == 40
     assert draft.stats.verifies > 5  # (untrained, the student is seldom right: this checks the output, not speed)
 
-
-def test_cli_serve_draft_is_a_clear_error(ckpts, capsys):
-    target, draft, _ = ckpts
-    assert main(["serve", str(target), "--draft", str(draft)]) == 2
-    assert "--draft (speculative decoding) is not supported by serve yet" in capsys.readouterr().err

@@ -431,7 +431,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
           api_key: str | None = None, model_name: str | None = None, max_batch: int = 16, queue_size: int = 64,
           max_seq_len: int = 2048, dtype: str = "auto", quantize: str = "auto", device: str = "auto",
           index: Path | None = None, allowed_hosts: list[str] | None = None, allow_adapter_loading: bool = False,
-          draft: Path | None = None, compile: str = "auto") -> None:
+          draft: Path | None = None, draft_tokens: int = 4, compile: str = "auto") -> None:
     """Serve a model over an OpenAI-compatible HTTP API (completions, chat completions, responses, embeddings,
     streaming) with a chat page.
 
@@ -464,7 +464,10 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
             loopback address, any otherwise.
         allow_adapter_loading: Let clients with the API key load and unload LoRA adapters while the server runs
             (POST /v1/load_lora_adapter with a folder on this machine, /v1/unload_lora_adapter); needs --api-key.
-        draft: Speculative decoding with a draft model: not supported by serve yet (generate and chat take it).
+        draft: A smaller checkpoint (folder or GGUF file) with the model's tokenizer: while one request runs alone
+            (n = 1, no logprobs, grammar or adapter), it drafts tokens that the model checks in one forward (greedy
+            output unchanged; a seed reproduces a sample, though not the one without --draft). See docs/serve.md.
+        draft_tokens: With --draft: tokens the draft proposes per check (1-16).
         compile: torch.compile the decode step, at start: auto (on a CPU over quantized weights, where it measured
             faster), on or off. Steps with LoRA adapters in place run eagerly. See docs/serve.md.
     """
@@ -474,12 +477,11 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
     from llmlab.serve import default_allowed_hosts, load_engine, parse_adapters
     from llmlab.serve.api import create_app
+    from llmlab.speculative import check_draft_options
 
     if not 1 <= port <= 65535:
         raise LLMLabError(f"--port must be a TCP port from 1 to 65535, got {port}")
-    if draft is not None:
-        raise LLMLabError("--draft (speculative decoding) is not supported by serve yet; `llmlab generate` and "
-                          "`llmlab chat` take it")
+    check_draft_options(draft, draft_tokens)  # before the slow part
     adapters = parse_adapters(adapter)
     if compile != "off":  # compiling before listening takes a while; say so before the wait
         print(f"llmlab: loading {checkpoint}; with --compile {compile} the decode step is compiled before the server "
@@ -487,7 +489,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
               "once)", file=sys.stderr)
     engine, tokenizer = load_engine(checkpoint, adapters, max_batch=max_batch, max_seq_len=max_seq_len,
                                     queue_size=queue_size, dtype=dtype, quantize=quantize, device=device,
-                                    compile=compile)
+                                    compile=compile, draft=draft, draft_tokens=draft_tokens)
     name = model_name or Path(checkpoint).resolve().name
     if name in adapters:
         raise LLMLabError(f"--adapter name '{name}' is the base model's name; choose another (or --model-name)")
@@ -505,8 +507,9 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
     app = create_app(engine, tokenizer, name, api_key=key, extensions=[copilot],
                      allowed_hosts=allowed_hosts or default_allowed_hosts(host), embeddings=EmbeddingModel(),
                      allow_adapter_loading=allow_adapter_loading)
-    print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}; decode step {engine.decode_step}) on "
-          f"http://{host}:{port}/", file=sys.stderr)
+    spec = f"; draft {draft}, {draft_tokens} tokens a round for a request alone" if draft is not None else ""
+    print(f"llmlab: serving {name} (adapters: {', '.join(adapters) or 'none'}; decode step {engine.decode_step}{spec}) "
+          f"on http://{host}:{port}/", file=sys.stderr)
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:

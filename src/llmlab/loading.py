@@ -106,21 +106,17 @@ def load_for_generation(checkpoint: Path, dtype: str, quantize: str, device: str
                          draft_tokens: int = 4) -> tuple:
     """Model (with its adapter, if any), tokenizer, sampling parameters, EOS ids, stop strings and the speculative
     decoding draft (None without --draft) for the `generate`, `chat` and `evaluate` commands; a bad
-    --draft_tokens is reported before anything is loaded."""
+    --draft or --draft-tokens is reported before anything is loaded."""
     from llmlab.generate import SamplingParams, eos_token_ids
+    from llmlab.speculative import check_draft_options, load_draft
 
     stops = [stop] if isinstance(stop, str) else list(stop or [])
-    if draft is not None and not 1 <= draft_tokens <= 16:  # before loading anything
-        raise LLMLabError(f"--draft_tokens must be from 1 to 16, got {draft_tokens}")
+    check_draft_options(draft, draft_tokens)  # before loading anything
     model, tokenizer, gen_config = load_for_inference(checkpoint, [adapter] if adapter else [], device=device,
                                                       dtype=dtype, quantize=quantize)
     sampling = SamplingParams.from_generation_config(gen_config, temperature=temperature, top_k=top_k, top_p=top_p,
                                                      repetition_penalty=repetition_penalty, seed=seed)
     drafter = None
     if draft is not None:
-        from llmlab.speculative import load_draft
-
-        if not Path(draft).exists():
-            raise LLMLabError(f"--draft {draft}: no such checkpoint folder or GGUF file")
         drafter = load_draft(draft, model, tokenizer, draft_tokens, dtype=dtype)
     return model, tokenizer, sampling, eos_token_ids(tokenizer, gen_config), stops, drafter

@@ -20,6 +20,8 @@ would have seen them). Rolling back costs nothing: both caches are written slot 
 the slots up to its own position (the causal mask of the model's `Cache`; the filled width of the draft's key mask,
 whose stale entries are switched off on rewind), so entries past the accepted prefix are never read and are
 overwritten by the next round. Only batch-1 decoding is speculative: several prompts are decoded one after another.
+The serving engine's rounds for a request running alone (`llmlab.serve.draft`) are made of the same pieces: the
+draft's `DraftFeed`, `propose` and the rule `accept_drafted`.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ class DraftStats:
         return self.accepted / self.verifies if self.verifies else 0.0
 
 
-class _DraftFeed:
+class DraftFeed:
     """The draft's side of one sequence: its cache is filled up to `filled` slots, fed one token at a time."""
 
     def __init__(self, model: LLaMA, max_len: int, filled: int, compile: bool) -> None:
@@ -82,6 +84,18 @@ class _DraftFeed:
         self.filled += 1
         return logits
 
+    def catch_up(self, seq: Sequence[int]) -> Tensor:
+        """Feed the tokens of `seq` from slot `filled` on (at least its last one); the draft's next-token logits after
+        the last (1, V) fp32. Generation lags by one or two tokens; the serving engine's draft, after steps it sat
+        out, by many: all but the last then go through one forward."""
+        device = self.pos.device
+        missing = list(seq[self.filled:])
+        if len(missing) > 1:
+            _forward(self.step.model, torch.tensor([missing[:-1]], device=device), self.filled, last_only=True)
+            self.key_valid[0, self.filled:self.filled + len(missing) - 1] = True
+            self.filled += len(missing) - 1
+        return self.feed(torch.tensor([missing[-1:]], device=device))
+
     def rewind(self, length: int) -> None:
         """Forget every slot from `length` on (they are overwritten later; the mask hides them until then)."""
         if length < self.filled:
@@ -94,6 +108,57 @@ def _forward(model: LLaMA, tokens: Tensor, start: int, last_only: bool = False) 
     next-token logits after each of them (T, V), or after the last only (1, V)."""
     slots = torch.arange(start, start + tokens.size(1), device=tokens.device)
     return model(tokens, input_pos=slots, kv_len=start + tokens.size(1), last_only=last_only)[0].float()
+
+
+def propose(feed: DraftFeed, seq: Sequence[int], k: int, params: SamplingParams, rng: torch.Generator,
+            seen: Tensor | None = None) -> tuple[list[int], Tensor | None]:
+    """Catch the draft up with `seq` and draft k tokens from its distributions (`sampling_logits` of `params`; the
+    repetition penalty sees `seen` and the drafted tokens); with sampling also those distributions q (k, V)."""
+    if k == 0:
+        return [], None
+    logits = feed.catch_up(seq)  # the last token, and after a fully kept round the last drafted one too
+    cur = None if seen is None else seen.clone()
+    tokens, probs = [], []
+    for j in range(k):
+        z = sampling_logits(logits, params, cur)
+        if params.greedy:
+            d = z.argmax(-1, keepdim=True)
+        else:
+            probs.append(z.softmax(-1))
+            d = draw(probs[-1], rng)
+        tokens.append(d)
+        if cur is not None:
+            cur.scatter_(1, d, True)
+        if j < k - 1:
+            logits = feed.feed(d)
+    return torch.cat(tokens).view(-1).tolist(), torch.cat(probs) if probs else None
+
+
+def accept_drafted(z: Tensor, drafted: list[int], q: Tensor | None, params: SamplingParams,
+                   rng: torch.Generator) -> list[int]:
+    """The tokens a round adds, from the model's `sampling_logits` z (k + 1, V) after [last token, d_1..d_k]: the kept
+    drafts and one token of the model's own (the module docstring's rules: greedy keeps the drafts that are the
+    model's argmax; sampling keeps d_i with probability min(1, p/q) and draws the replacement from max(0, p - q), or
+    the bonus token from p_{k+1}). q (k, V): the draft's distributions (sampling only)."""
+    k, device = len(drafted), z.device
+    if params.greedy:
+        best = z.argmax(-1).tolist()
+        a = 0
+        while a < k and drafted[a] == best[a]:
+            a += 1
+        return drafted[:a] + [best[a]]
+    p = z.softmax(-1)
+    a = 0
+    if k:
+        idx, d = torch.arange(k, device=device), torch.tensor(drafted, device=device)
+        u = torch.rand(k, generator=rng, device=device)
+        keep = (u * q[idx, d] < p[idx, d]).tolist()  # u < p/q, without dividing
+        a = keep.index(False) if False in keep else k
+    dist = p[a]
+    if a < k:
+        residual = (p[a] - q[a]).clamp(min=0)
+        dist = residual if float(residual.sum()) > 0 else p[a]
+    return drafted[:a] + [int(draw(dist[None], rng))]
 
 
 class Draft:
@@ -156,7 +221,7 @@ class Draft:
             first = sampling_logits(_forward(target, ids, 0, last_only=True), params, seen)
             new = [int(first.argmax(-1)) if params.greedy else int(draw(first.softmax(-1), rng))]
             _forward(draft, ids, 0, last_only=True)
-            feed = _DraftFeed(draft, draft.max_cache_len, T, compile)
+            feed = DraftFeed(draft, draft.max_cache_len, T, compile)
             seq, produced, k = list(prompt), 0, self.tokens
             while True:
                 seq.extend(new)
@@ -173,7 +238,7 @@ class Draft:
                 if produced >= max_new_tokens:
                     return
                 k_now = min(k, max_new_tokens - produced - 1)  # a round adds up to k_now + 1 tokens
-                drafted, q = self._propose(feed, seq, k_now, params, rng, seen)
+                drafted, q = propose(feed, seq, k_now, params, rng, seen)
                 new = self._verify(target, seq, drafted, q, params, rng, seen)
                 feed.rewind(min(feed.filled, len(seq) + len(new) - 1))
                 if self.adaptive and k_now == k:
@@ -181,31 +246,6 @@ class Draft:
         finally:
             target.clear_cache()
             draft.clear_cache()
-
-    def _propose(self, feed: _DraftFeed, seq: list[int], k: int, params: SamplingParams, rng: torch.Generator,
-                 seen: Tensor | None) -> tuple[list[int], Tensor | None]:
-        """Catch the draft up with `seq` and draft k tokens; with sampling also their distributions q (k, V)."""
-        if k == 0:
-            return [], None
-        device = feed.pos.device
-        logits = None
-        for t in seq[feed.filled:]:  # the last token, and after a fully kept round the last drafted one too
-            logits = feed.feed(torch.tensor([[t]], device=device))
-        cur = None if seen is None else seen.clone()
-        tokens, probs = [], []
-        for j in range(k):
-            z = sampling_logits(logits, params, cur)
-            if params.greedy:
-                d = z.argmax(-1, keepdim=True)
-            else:
-                probs.append(z.softmax(-1))
-                d = draw(probs[-1], rng)
-            tokens.append(d)
-            if cur is not None:
-                cur.scatter_(1, d, True)
-            if j < k - 1:
-                logits = feed.feed(d)
-        return torch.cat(tokens).view(-1).tolist(), torch.cat(probs) if probs else None
 
     def _verify(self, target: LLaMA, seq: list[int], drafted: list[int], q: Tensor | None, params: SamplingParams,
                 rng: torch.Generator, seen: Tensor | None) -> list[int]:
@@ -218,31 +258,23 @@ class Draft:
             for i, t in enumerate(drafted):
                 rows[i + 1:, t] = True
         z = sampling_logits(_forward(target, x, len(seq) - 1), params, rows)  # (k + 1, V)
-        if params.greedy:
-            best = z.argmax(-1).tolist()
-            a = 0
-            while a < k and drafted[a] == best[a]:
-                a += 1
-            out = drafted[:a] + [best[a]]
-        else:
-            p = z.softmax(-1)
-            if k:
-                idx, d = torch.arange(k, device=device), torch.tensor(drafted, device=device)
-                u = torch.rand(k, generator=rng, device=device)
-                keep = (u * q[idx, d] < p[idx, d]).tolist()  # u < p/q, without dividing
-                a = keep.index(False) if False in keep else k
-            else:
-                a = 0
-            dist = p[a]
-            if a < k:
-                residual = (p[a] - q[a]).clamp(min=0)
-                dist = residual if float(residual.sum()) > 0 else p[a]
-            out = drafted[:a] + [int(draw(dist[None], rng))]
+        out = accept_drafted(z, drafted, q, params, rng)
         if k:
             self.stats.verifies += 1
             self.stats.proposed += k
             self.stats.accepted += len(out) - 1
         return out
+
+
+def check_draft_options(draft: str | Path | None, tokens: int) -> None:
+    """Raise a clear error for a --draft that is no file or folder, or --draft-tokens out of range; commands call it
+    before loading anything (nothing to check without --draft)."""
+    if draft is None:
+        return
+    if not 1 <= tokens <= MAX_DRAFT_TOKENS:
+        raise LLMLabError(f"--draft_tokens must be from 1 to {MAX_DRAFT_TOKENS}, got {tokens}")
+    if not Path(draft).exists():
+        raise LLMLabError(f"--draft {draft}: no such checkpoint folder or GGUF file")
 
 
 def load_draft(path: str | Path, model: LLaMA, tokenizer: Tokenizer, tokens: int = 4, adaptive: bool = False, *,

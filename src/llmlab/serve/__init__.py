@@ -1,11 +1,12 @@
 """Serving: an OpenAI-compatible HTTP API with continuous batching and per-request LoRA adapters.
 
 `engine.Engine` owns the model and batches requests (continuous batching over a static KV cache, log-probabilities,
-adapters loaded while it runs), `lora_multi.MultiLoRA` applies a different LoRA adapter to each batch row,
-`api.create_app` is the FastAPI app: its routes and checks in `api`, request schemas in `protocol`, what the routes
-share in `server`, the logic of each endpoint in `completions`, `chat`, `responses` and `embeddings`, OpenAI's
-log-probability formats in `logprobs`, tools and grounding in `copilot`, the chat page in `static/`. `load_engine` +
-`create_app` is what `llmlab serve` runs (with `default_allowed_hosts` for its Host check); see docs/serve.md.
+adapters loaded while it runs), `draft.EngineDraft` decodes a request that runs alone speculatively with a draft model,
+`lora_multi.MultiLoRA` applies a different LoRA adapter to each batch row, `api.create_app` is the FastAPI app: its
+routes and checks in `api`, request schemas in `protocol`, what the routes share in `server`, the logic of each
+endpoint in `completions`, `chat`, `responses` and `embeddings`, OpenAI's log-probability formats in `logprobs`, tools
+and grounding in `copilot`, the chat page in `static/`. `load_engine` + `create_app` is what `llmlab serve` runs (with
+`default_allowed_hosts` for its Host check); see docs/serve.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from llmlab.loading import load_for_inference
 from llmlab.quantized import QuantLinear
 from llmlab.serve.engine import Engine
 from llmlab.serve.lora_multi import MultiLoRA
+from llmlab.speculative import check_draft_options, load_draft
 
 
 def parse_adapters(specs: list[str] | None) -> dict[str, Path]:
@@ -70,8 +72,10 @@ def _compiles(compile: str, model: Any) -> bool:
 
 def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | None = None, max_batch: int = 16,
                 max_seq_len: int = 2048, queue_size: int = 64, dtype: str = "auto", quantize: str = "auto",
-                device: str = "auto", compile: str = "auto") -> Any:
-    """Load CHECKPOINT (`load_for_inference`'s weights, dtype and device choices) and its LoRA adapters and start an
+                device: str = "auto", compile: str = "auto", draft: str | Path | None = None,
+                draft_tokens: int = 4) -> Any:
+    """Load CHECKPOINT (`load_for_inference`'s weights, dtype and device choices), its LoRA adapters and the `draft`
+    model (`speculative.load_draft`: the model's tokenizer, dtype and device; `draft_tokens` a round) and start an
     `Engine` on them (its decode step compiled as `_compiles` says); returns (engine, tokenizer).
 
     The loading, the compilation and every step run on the engine's own thread (`Engine.run` says why: one thread
@@ -79,6 +83,7 @@ def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | Non
     raised."""
     if compile not in COMPILE_CHOICES:  # before the slow part
         raise LLMLabError(f"--compile: expected one of {', '.join(COMPILE_CHOICES)}, got '{compile}'")
+    check_draft_options(draft, draft_tokens)
     built: list[Any] = []
     ready = threading.Event()
 
@@ -91,9 +96,10 @@ def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | Non
                 multi = MultiLoRA(model)
                 for name, folder in adapters.items():
                     multi.add(name, folder)
+            drafter = None if draft is None else load_draft(draft, model, tokenizer, draft_tokens, dtype=dtype)
             engine = Engine(model, tokenizer, eos_token_ids(tokenizer, gen_config), max_batch=max_batch,
                             max_seq_len=max_seq_len, queue_size=queue_size, adapters=multi,
-                            compile=_compiles(compile, model), start=False)
+                            compile=_compiles(compile, model), start=False, draft=drafter)
             built.append((engine, tokenizer))
         except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
             built.append(e)

@@ -41,6 +41,9 @@ Adapters can be loaded and unloaded while the engine runs (`load_adapter`, `unlo
 and checked on the caller's thread, and the engine pauses between two steps only to put the weights in place. An
 unloaded adapter is refused to new requests at once; its weights go when the last request using it (running or
 waiting) has finished, so requests in flight are never affected.
+
+With a draft model (`--draft`), a step while one plain request runs alone is a speculative round (`serve.draft`):
+several tokens from one model forward, each accepted as a step's token is.
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ from llmlab.eval.scoring import TokenScores, token_logprobs
 from llmlab.generate import DecodeStep, LogitsProcessor, SamplingParams, TextStream, sample
 from llmlab.model import LLaMA
 from llmlab.quantized import QuantLinear, keep_dense_copies
+from llmlab.serve.draft import EngineDraft
+from llmlab.speculative import Draft
 from llmlab.tokenizer import Tokenizer
 
 log = logging.getLogger("llmlab.serve")
@@ -161,7 +166,7 @@ class Engine:
 
     def __init__(self, model: LLaMA, tokenizer: Tokenizer, eos_ids: Iterable[int], max_batch: int = 16,
                  max_seq_len: int = 2048, queue_size: int = 64, adapters: Any = None, compile: bool = False,
-                 start: bool = True) -> None:
+                 start: bool = True, draft: Draft | None = None) -> None:
         if max_batch < 1 or queue_size < 1:
             raise LLMLabError(f"--max-batch and --queue-size must be at least 1, got {max_batch} and {queue_size}")
         max_seq_len = min(max_seq_len, model.config.max_position_embeddings)
@@ -169,8 +174,11 @@ class Engine:
         self.max_batch, self.max_seq_len, self.queue_size = max_batch, max_seq_len, queue_size
         self.adapters = adapters  # a MultiLoRA or None
         self.device = model.device
+        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0,
+                      "prefix_tokens": 0}
         with torch.inference_mode():
             self.cache = model.setup_cache(max_batch, max_seq_len)
+            self.speculation = None if draft is None else EngineDraft(draft, model, max_seq_len, self.stats)
             added = keep_dense_copies(model)  # a quantized model's batches: the dense GEMM where it is faster
         if added:
             log.info("dense copies of the quantized weights for batches: %.0f MB", added / 2**20)
@@ -187,8 +195,6 @@ class Engine:
         self._closing = False
         self._prefix: dict[str | None, tuple[Sequence[int], list[tuple[Tensor, Tensor]]]] = {}  # adapter -> last prompt
         self._retiring: set[str] = set()  # adapters unloaded while requests still use them
-        self.stats = {"requests": 0, "finished": 0, "cancelled": 0, "failed": 0, "tokens": 0, "steps": 0,
-                      "prefix_tokens": 0}
         if start:
             self._thread = threading.Thread(target=self._loop, name="llmlab-engine", daemon=True)
             self._thread.start()
@@ -297,6 +303,8 @@ class Engine:
         self._waiting.clear()
         self._rows.clear()
         self.model.clear_cache()
+        if self.speculation is not None:
+            self.speculation.close()
 
     def generate(self, req: GenerationRequest, timeout: float | None = None) -> list[tuple[str, str]]:
         """Submit `req` and wait: (text, finish_reason) per choice. For scripts and tests; servers use `sink`."""
@@ -491,6 +499,10 @@ class Engine:
 
     def _step(self) -> None:
         rows = self._rows
+        if self.speculation is not None and len(rows) == 1 and not self._waiting:
+            run = self.speculation.round(self.model, rows[0], self.max_seq_len)
+            if run:
+                return self._accept_run(rows[0], run)
         tokens = torch.tensor([[r.last] for r in rows], device=self.device)  # (B, 1)
         pos = torch.tensor([[r.pos] for r in rows], device=self.device)  # (B, 1): each row's own slot
         with self._adapters([r.req.adapter for r in rows]):
@@ -504,6 +516,16 @@ class Engine:
         for idx in groups.values():
             req = rows[idx[0]].req
             self._advance(req, [rows[i] for i in idx], logits[idx])
+        self._compact()
+
+    def _accept_run(self, row: _Row, tokens: list[int]) -> None:
+        """A speculative round's tokens, one by one as steps would give them (EOS, stop strings, max_tokens exact)."""
+        self.stats["steps"] += 1
+        for tok in tokens:
+            row.pos += 1
+            self._accept([row], [tok])
+            if row.done:
+                break
         self._compact()
 
     def _advance(self, req: GenerationRequest, rows: list[_Row], logits: Tensor, where: str = "") -> None:
