@@ -477,11 +477,13 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
     from llmlab.serve import default_allowed_hosts, load_engine, parse_adapters
     from llmlab.serve.api import create_app
+    from llmlab.serve.copilot import CopilotExtension
+    from llmlab.serve.embeddings import EmbeddingModel
     from llmlab.speculative import check_draft_options
 
     if not 1 <= port <= 65535:
         raise LLMLabError(f"--port must be a TCP port from 1 to 65535, got {port}")
-    check_draft_options(draft, draft_tokens)  # before the slow part
+    check_draft_options(draft, draft_tokens)  # before the message below and the slow part
     adapters = parse_adapters(adapter)
     if compile != "off":  # compiling before listening takes a while; say so before the wait
         print(f"llmlab: loading {checkpoint}; with --compile {compile} the decode step is compiled before the server "
@@ -494,16 +496,12 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
     if name in adapters:
         raise LLMLabError(f"--adapter name '{name}' is the base model's name; choose another (or --model-name)")
     key = api_key if api_key is not None else os.environ.get("LLMLAB_API_KEY") or None
-    from llmlab.serve.copilot import CopilotExtension
-
     docs = None
     if index is not None:
         from llmlab.rag.index import open_index
 
         docs = open_index(index)
     copilot = CopilotExtension(tokenizer, engine.model.config.vocab_size, docs)
-    from llmlab.serve.embeddings import EmbeddingModel
-
     app = create_app(engine, tokenizer, name, api_key=key, extensions=[copilot],
                      allowed_hosts=allowed_hosts or default_allowed_hosts(host), embeddings=EmbeddingModel(),
                      allow_adapter_loading=allow_adapter_loading)
