@@ -52,3 +52,18 @@ def test_available_memory_falls_back_and_admits_not_knowing(monkeypatch):
     monkeypatch.setattr(hardware.os, "sysconf", lambda name: (_ for _ in ()).throw(ValueError(name)))
     assert hardware.available_memory("cpu") is None
     assert hardware.available_memory("meta") is None
+
+
+def test_cpp_compiler_is_the_first_on_the_path(monkeypatch):
+    found = {"c++": "/usr/bin/c++", "clang++": "/usr/bin/clang++"}
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: found.get(name))
+    assert hardware.cpp_compiler() == "c++"
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    assert hardware.cpp_compiler() is None
+
+
+@pytest.mark.parametrize("capability,verified", [("AVX512", True), ("AMX", True), ("AVX2", False),
+                                                 ("DEFAULT", False), ("unknown", False)])
+def test_compiled_steps_are_verified_on_avx512_and_amx_only(monkeypatch, capability, verified):
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
+    assert hardware.compile_verified_cpu() is verified

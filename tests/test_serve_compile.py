@@ -14,6 +14,7 @@ from _serve import (
     submit_all,
 )
 
+from llmlab import hardware
 from llmlab import quantized as quantized_module
 from llmlab.checkpoint import load_checkpoint
 from llmlab.errors import LLMLabError
@@ -74,7 +75,7 @@ def test_compiled_engine_over_a_quantized_base_equals_generate(tmp_path):
     folder = import_gguf(export_gguf(ckpt, tmp_path / "tiny.gguf", "q8_0"), tmp_path / "imported")
     with pytest.MonkeyPatch.context() as mp:  # batches of 3 rows or more take the dense copies: one more graph
         mp.setattr(quantized_module, "dense_plan", lambda spec, dev, kernel, act, dtypes: (3, dtypes[0]))
-        eng, tok = load_engine(folder, max_batch=4, max_seq_len=96, dtype="float32")  # auto: compiled here
+        eng, tok = load_engine(folder, max_batch=4, max_seq_len=96, dtype="float32", compile="on")
     try:
         assert eng.decode_step.startswith("compiled for batches of [1, 2, 3, 4] rows")
         reqs = requests(tok)
@@ -100,11 +101,18 @@ def test_adapters_at_start_run_eagerly(fixture, tmp_path):
         eng.close()
 
 
-def test_compile_option(fixture, tmp_path):
+def test_compile_option(fixture, tmp_path, monkeypatch):
     ckpt, _ = fixture
     with pytest.raises(LLMLabError, match="--compile: expected one of auto, on, off, got 'yes'"):
         load_engine(ckpt, compile="yes")
     model = load_checkpoint(ckpt)
     assert not _compiles("auto", model) and _compiles("on", model) and not _compiles("off", model)
     quantized_module.quantize_model(model, "int8")
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: "g++")
     assert _compiles("auto", model)
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: "AVX2")  # not verified there: eager unless asked
+    assert not _compiles("auto", model) and _compiles("on", model)
+    monkeypatch.setattr(hardware, "cpu_capability", lambda: "AMX")
+    monkeypatch.setattr(hardware, "cpp_compiler", lambda: None)  # inductor could not build the step
+    assert not _compiles("auto", model)

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import os
 import platform
+import shutil
 from pathlib import Path
 
 import torch
@@ -96,3 +97,17 @@ def available_memory(device: torch.device | str = "cpu") -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def cpp_compiler() -> str | None:
+    """The C++ compiler torch.compile's CPU backend (inductor) would build with (g++, c++ or clang++ on the PATH), or
+    None: without one a compiled CPU step fails at its first call, so every `auto` compile choice asks this first."""
+    return next((c for c in ("g++", "c++", "clang++") if shutil.which(c)), None)
+
+
+def compile_verified_cpu() -> bool:
+    """Whether this CPU's torch dispatch reaches AVX-512 or beyond (AVX512, AMX), where the compiled decode step over
+    quantized weights was checked. On AVX2-only CPUs it is not yet verified: under an AVX2 emulation one benchmark
+    harness aborted inside the compiled step (docs/benchmarks.md), so `auto` stays eager there."""
+    capability = cpu_capability()
+    return "AVX512" in capability or "AMX" in capability

@@ -302,12 +302,12 @@ def compile_auto(compile: bool | None, method: Method, amp: torch.dtype | None, 
     of at least COMPILE_AUTO_MIN_STEPS steps, with a C++ compiler for inductor. There a compiled block fuses the
     norms, RoPE, SwiGLU and the casts between bf16 and fp32 around the dense GEMMs (~10% of a LoRA step on the
     default model, docs/finetune.md) for one block's compile time (5-30 s, cached by inductor across runs)."""
+    from llmlab.hardware import cpp_compiler
+
     if compile is not None:
         return compile
-    import shutil
-
     return (device.type == "cpu" and amp is not None and not method.saves_frozen
-            and max_steps >= COMPILE_AUTO_MIN_STEPS and any(shutil.which(c) for c in ("g++", "c++", "clang++")))
+            and max_steps >= COMPILE_AUTO_MIN_STEPS and cpp_compiler() is not None)
 
 
 def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
