@@ -61,15 +61,18 @@ def _chunk_loss(h: Tensor, w: Tensor, y: Tensor, scale: Tensor | None) -> tuple[
     step = softmax_rows(w.shape[0], h.device)
     for s in range(0, logits.shape[0], step):
         rows = logits[s:s + step].float()  # (rows, V) fp32 (the logits themselves when they are fp32)
-        lse = torch.logsumexp(rows, dim=-1)
         t, v = target[s:s + step], valid[s:s + step]
-        loss += ((lse - rows.gather(1, t).squeeze(1)) * v).sum()
-        if scale is not None:
-            probs = rows.sub_(lse[:, None]).exp_()  # softmax, in place
-            probs.scatter_add_(1, t, -v[:, None].to(probs.dtype))
-            probs.mul_((v.to(probs.dtype) * scale)[:, None])
-            if probs.dtype != logits.dtype:  # fp32 logits were modified in place already
-                logits[s:s + step] = probs
+        picked = rows.gather(1, t).squeeze(1)
+        top = rows.amax(-1, keepdim=True)
+        ex = rows.sub_(top).exp_()  # one exp per logit, in place: exp(x - max)
+        total = ex.sum(-1)
+        loss += ((top.squeeze(1) + total.log() - picked) * v).sum()  # log-sum-exp - the target's logit
+        if scale is not None:  # softmax - one-hot, times the mean's scale, for labelled rows
+            vs = v.to(ex.dtype) * scale
+            ex.mul_((vs / total)[:, None])
+            ex.scatter_add_(1, t, -vs[:, None])
+            if ex.dtype != logits.dtype:  # fp32 logits were modified in place already
+                logits[s:s + step] = ex
     return loss, (logits if scale is not None else None)
 
 
