@@ -26,7 +26,7 @@ from llmlab.errors import LLMLabError
 from llmlab.methods.lora import save_adapter
 from llmlab.serve import load_engine
 from llmlab.serve.api import ChatPlan, create_app
-from llmlab.serve.engine import GenerationRequest
+from llmlab.serve.request import GenerationRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 KEY = "sk-adapters"

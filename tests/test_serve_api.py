@@ -34,7 +34,7 @@ from llmlab.serve import default_allowed_hosts, load_engine
 from llmlab.serve.api import ChatPlan, create_app
 from llmlab.serve.copilot import CopilotExtension
 from llmlab.serve.embeddings import EmbeddingModel
-from llmlab.serve.engine import GenerationRequest
+from llmlab.serve.request import GenerationRequest
 
 KEY = "sk-test-0123456789"
 

@@ -23,7 +23,7 @@ from llmlab.gguf_export import export_gguf
 from llmlab.gguf_import import import_gguf
 from llmlab.loading import load_for_inference
 from llmlab.serve import _compiles, load_engine
-from llmlab.serve.engine import GenerationRequest
+from llmlab.serve.request import GenerationRequest
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # compiling takes a while
 

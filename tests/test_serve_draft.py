@@ -20,7 +20,8 @@ from llmlab.cli import main
 from llmlab.errors import LLMLabError
 from llmlab.generate import SamplingParams, generate
 from llmlab.serve import load_engine
-from llmlab.serve.engine import Engine, GenerationRequest
+from llmlab.serve.engine import Engine
+from llmlab.serve.request import GenerationRequest
 from llmlab.speculative import Draft
 from llmlab.tokenizer import Tokenizer, train_bpe_tokenizer
 

@@ -36,8 +36,9 @@ from llmlab.methods.adapters import PROBE_KEY
 from llmlab.methods.lora import save_adapter
 from llmlab.quantized import FusedQuantLinear, QuantLinear
 from llmlab.serve import load_engine, parse_adapters
-from llmlab.serve.engine import Engine, GenerationRequest, QueueFull
+from llmlab.serve.engine import Engine
 from llmlab.serve.lora_multi import MultiLoRA, MultiLoRALinear
+from llmlab.serve.request import GenerationRequest, QueueFull
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

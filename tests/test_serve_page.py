@@ -16,7 +16,7 @@ from _serve import (
 
 from llmlab.serve import load_engine
 from llmlab.serve.api import create_app
-from llmlab.serve.engine import GenerationRequest
+from llmlab.serve.request import GenerationRequest
 from llmlab.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

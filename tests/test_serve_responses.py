@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 
 from llmlab.serve import load_engine
 from llmlab.serve.api import create_app
-from llmlab.serve.engine import GenerationRequest
+from llmlab.serve.request import GenerationRequest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,11 +1,12 @@
 """Serving: an OpenAI-compatible HTTP API with continuous batching and per-request LoRA adapters.
 
 `engine.Engine` owns the model and batches requests (continuous batching over a static KV cache, log-probabilities,
-adapters loaded while it runs), `draft.EngineDraft` decodes a request that runs alone speculatively with a draft model,
-`lora_multi.MultiLoRA` applies a different LoRA adapter to each batch row, `api.create_app` is the FastAPI app: its
-routes and checks in `api`, request schemas in `protocol`, what the routes share in `server`, the logic of each
-endpoint in `completions`, `chat`, `responses` and `embeddings`, OpenAI's log-probability formats in `logprobs`, tools
-and grounding in `copilot`, the chat page in `static/`. `load_engine` + `create_app` is what `llmlab serve` runs (with
+adapters loaded while it runs); a request and what it gets back are `request.GenerationRequest` and `request.Event`;
+`draft.EngineDraft` decodes a request that runs alone speculatively with a draft model, `lora_multi.MultiLoRA`
+applies a different LoRA adapter to each batch row, `api.create_app` is the FastAPI app: its routes and checks in
+`api`, request schemas in `protocol`, what the routes share in `server`, the logic of each endpoint in
+`completions`, `chat`, `responses` and `embeddings`, OpenAI's log-probability formats in `logprobs`, tools and
+grounding in `copilot`, the chat page in `static/`. `load_engine` + `create_app` is what `llmlab serve` runs (with
 `default_allowed_hosts` for its Host check); see docs/serve.md.
 """
 

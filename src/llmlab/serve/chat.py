@@ -28,7 +28,6 @@ from starlette.concurrency import run_in_threadpool
 
 from llmlab.errors import LLMLabError
 from llmlab.generate import LogitsProcessor
-from llmlab.serve.engine import GenerationRequest, TokenLogprob
 from llmlab.serve.logprobs import chat_logprobs
 from llmlab.serve.protocol import (
     APIError,
@@ -38,6 +37,7 @@ from llmlab.serve.protocol import (
     JSONSchemaFormat,
     JSONSchemaResponseFormat,
 )
+from llmlab.serve.request import GenerationRequest, TokenLogprob
 from llmlab.serve.server import Run, Server, chat_ids, guarded, sse, sse_response, wants_usage
 
 

@@ -17,9 +17,9 @@ from typing import Any
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from llmlab.serve.engine import Event, GenerationRequest
 from llmlab.serve.logprobs import CompletionLogprobs
 from llmlab.serve.protocol import APIError, CompletionRequest
+from llmlab.serve.request import Event, GenerationRequest
 from llmlab.serve.server import Run, Server, guarded, prompt_ids, sse, sse_response, wants_usage
 
 

@@ -34,7 +34,8 @@ from llmlab.model import LLaMA
 from llmlab.speculative import Draft, DraftFeed, accept_drafted, propose
 
 if TYPE_CHECKING:
-    from llmlab.serve.engine import GenerationRequest, _Row
+    from llmlab.serve.engine import _Row
+    from llmlab.serve.request import GenerationRequest
 
 
 class EngineDraft:

@@ -53,9 +53,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,82 +62,16 @@ import torch
 from torch import Tensor
 
 from llmlab.errors import LLMLabError
-from llmlab.eval.scoring import TokenScores, token_logprobs
-from llmlab.generate import DecodeStep, LogitsProcessor, SamplingParams, TextStream, sample
+from llmlab.eval.scoring import token_logprobs
+from llmlab.generate import DecodeStep, LogitsProcessor, TextStream, sample
 from llmlab.model import LLaMA
 from llmlab.quantized import QuantLinear, keep_dense_copies
 from llmlab.serve.draft import EngineDraft
+from llmlab.serve.request import Event, GenerationRequest, QueueFull, TokenLogprob, entries
 from llmlab.speculative import Draft
 from llmlab.tokenizer import Tokenizer
 
 log = logging.getLogger("llmlab.serve")
-
-
-class QueueFull(LLMLabError):
-    """The waiting queue holds `queue_size` requests already (the server answers 503)."""
-
-
-@dataclass
-class TokenLogprob:
-    """A token, its log-probability under the model, and the `top` most likely tokens at its position, most likely
-    first ((token id, log-probability) pairs)."""
-
-    token: int
-    logprob: float
-    top: list[tuple[int, float]] = field(default_factory=list)
-
-
-def _entries(scores: TokenScores, tokens: Sequence[int]) -> list[TokenLogprob]:
-    logprobs, top_ids, top_logprobs = scores.logprobs.tolist(), scores.top_ids.tolist(), scores.top_logprobs.tolist()
-    return [TokenLogprob(t, lp, list(zip(ids, lps)))
-            for t, lp, ids, lps in zip(tokens, logprobs, top_ids, top_logprobs)]
-
-
-@dataclass
-class Event:
-    """What the engine tells a request's sink.
-
-    kind "delta": new text of choice `index`; "finish": the last text of choice `index` and its `finish_reason`
-    ("stop": EOS or a stop string, "length": max_tokens or the cache is full); "done": every choice finished,
-    `usage` holds the token counts; "error": the request failed (`message`), nothing follows. With the request's
-    `logprobs`, a "delta" or "finish" event carries the tokens sampled since the choice's previous event.
-    """
-
-    kind: str
-    index: int = 0
-    text: str = ""
-    finish_reason: str | None = None
-    usage: dict[str, int] | None = None
-    message: str | None = None
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass
-class GenerationRequest:
-    """One prompt to continue `n` times. Fill in the fields, then `Engine.submit` it."""
-
-    prompt_ids: list[int]
-    max_tokens: int
-    sampling: SamplingParams = field(default_factory=SamplingParams)
-    n: int = 1
-    stop: Sequence[str] = ()
-    adapter: str | None = None
-    logits_processor_factory: Callable[[], LogitsProcessor] | None = None  # called once per choice
-    logprobs: int | None = None  # report each sampled token's log-probability and this many alternatives
-    prompt_logprobs: int | None = None  # the same for the prompt's tokens (then max_tokens may be 0)
-    sink: Callable[[Event], None] | None = None
-    # set by the engine
-    prompt_scores: list[TokenLogprob | None] | None = None  # with prompt_logprobs (None for the first token)
-    id: int = 0
-    cancelled: bool = False
-    completion_tokens: int = 0
-    generator: torch.Generator | None = field(default=None, repr=False)
-    _open: int = 0  # choices not finished yet
-
-    @property
-    def usage(self) -> dict[str, int]:
-        return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.completion_tokens,
-                "total_tokens": len(self.prompt_ids) + self.completion_tokens}
 
 
 class _Row:
@@ -444,7 +377,7 @@ class Engine:
         out: list[TokenLogprob] = []
         for a in range(0, len(targets), chunk):
             scores = token_logprobs(self.model.lm_head(hidden[a:a + chunk]), targets[a:a + chunk], req.prompt_logprobs)
-            out += _entries(scores, req.prompt_ids[1 + a:1 + a + chunk])
+            out += entries(scores, req.prompt_ids[1 + a:1 + a + chunk])
         return out
 
     def _reuse_prefix(self, req: GenerationRequest, row: int) -> int:
@@ -551,7 +484,7 @@ class Engine:
         picked = sample(logits, req.sampling, req.generator).view(-1)
         tokens = picked.tolist()
         if req.logprobs is not None:  # the model's own log-probabilities, not the filtered ones sampled from
-            for r, entry in zip(rows, _entries(token_logprobs(model_logits, picked, req.logprobs), tokens)):
+            for r, entry in zip(rows, entries(token_logprobs(model_logits, picked, req.logprobs), tokens)):
                 r.scores.append(entry)
         return tokens
 

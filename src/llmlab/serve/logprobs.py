@@ -20,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from llmlab.serve.engine import TokenLogprob
+from llmlab.serve.request import TokenLogprob
 from llmlab.tokenizer import Tokenizer
 
 

@@ -26,8 +26,8 @@ from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from llmlab.serve.chat import json_factory, reply_schema
-from llmlab.serve.engine import GenerationRequest
 from llmlab.serve.protocol import APIError, ResponsesRequest
+from llmlab.serve.request import GenerationRequest
 from llmlab.serve.server import Choice, Run, Server, chat_ids, guarded, sse, sse_response
 
 _REFUSED = {"previous_response_id": "nothing is stored on this server: send the whole conversation as `input`",

@@ -19,8 +19,9 @@ from fastapi.responses import StreamingResponse
 
 from llmlab.errors import LLMLabError
 from llmlab.generate import SamplingParams
-from llmlab.serve.engine import Engine, Event, GenerationRequest, QueueFull
+from llmlab.serve.engine import Engine
 from llmlab.serve.protocol import APIError, SamplingRequest
+from llmlab.serve.request import Event, GenerationRequest, QueueFull
 from llmlab.tokenizer import Tokenizer
 
 
