@@ -22,7 +22,7 @@ from llmlab.generate import generate
 from llmlab.gguf_export import export_gguf
 from llmlab.gguf_import import import_gguf
 from llmlab.loading import load_for_inference
-from llmlab.serve import _compiles, load_engine
+from llmlab.serve import _compiles, compile_possible, load_engine
 from llmlab.serve.request import GenerationRequest
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # compiling takes a while
@@ -111,8 +111,10 @@ def test_compile_option(fixture, tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(hardware, "cpp_compiler", lambda: "g++")
     assert _compiles("auto", model)
+    assert compile_possible("auto")
     monkeypatch.setattr(hardware, "cpu_capability", lambda: "AVX2")  # not verified there: eager unless asked
     assert not _compiles("auto", model) and _compiles("on", model)
+    assert not compile_possible("auto") and compile_possible("on") and not compile_possible("off")  # the CLI's note
     monkeypatch.setattr(hardware, "cpu_capability", lambda: "AMX")
     monkeypatch.setattr(hardware, "cpp_compiler", lambda: None)  # inductor could not build the step
     assert not _compiles("auto", model)

@@ -475,7 +475,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
 
     import uvicorn
 
-    from llmlab.serve import default_allowed_hosts, load_engine, parse_adapters
+    from llmlab.serve import compile_possible, default_allowed_hosts, load_engine, parse_adapters
     from llmlab.serve.api import create_app
     from llmlab.serve.copilot import CopilotExtension
     from llmlab.serve.embeddings import EmbeddingModel
@@ -485,7 +485,7 @@ def serve(checkpoint: Path, *, adapter: list[str] | None = None, host: str = "12
         raise LLMLabError(f"--port must be a TCP port from 1 to 65535, got {port}")
     check_draft_options(draft, draft_tokens)  # before the message below and the slow part
     adapters = parse_adapters(adapter)
-    if compile != "off":  # compiling before listening takes a while; say so before the wait
+    if compile_possible(compile):  # compiling before listening takes a while; say so before the wait
         print(f"llmlab: loading {checkpoint}; with --compile {compile} the decode step is compiled before the server "
               "listens (~20 s once torch's compile cache is warm, minutes the first time; --compile off starts at "
               "once)", file=sys.stderr)

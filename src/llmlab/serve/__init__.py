@@ -63,17 +63,25 @@ def default_allowed_hosts(bind_host: str) -> list[str]:
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
-def _compiles(compile: str, model: Any) -> bool:
-    """Whether the engine compiles its decode step (`--compile`): auto = on a CPU over quantized weights, where it
-    measured faster (a step's many small kernels are where eager PyTorch's per-op cost shows), if that CPU is one the
-    compiled step was verified on (`hardware.compile_verified_cpu`: AVX-512 or AMX) and a C++ compiler is there for
-    inductor; on; off."""
+def compile_possible(compile: str) -> bool:
+    """Whether `--compile` may compile the decode step on this machine at all, before any model is loaded: on; auto
+    on a CPU the compiled step was verified on (`hardware.compile_verified_cpu`: AVX-512 or AMX) with a C++ compiler
+    for inductor; off never."""
     from llmlab.hardware import compile_verified_cpu, cpp_compiler
 
     if compile != "auto":
         return compile == "on"
-    return (model.device.type == "cpu" and any(isinstance(m, QuantLinear) for m in model.modules())
-            and compile_verified_cpu() and cpp_compiler() is not None)
+    return compile_verified_cpu() and cpp_compiler() is not None
+
+
+def _compiles(compile: str, model: Any) -> bool:
+    """Whether the engine compiles its decode step (`--compile`): auto = on a CPU over quantized weights, where it
+    measured faster (a step's many small kernels are where eager PyTorch's per-op cost shows), where
+    `compile_possible` allows; on; off."""
+    if compile != "auto":
+        return compile == "on"
+    return (compile_possible(compile) and model.device.type == "cpu"
+            and any(isinstance(m, QuantLinear) for m in model.modules()))
 
 
 def load_engine(checkpoint: str | Path, adapters: Mapping[str, str | Path] | None = None, max_batch: int = 16,
