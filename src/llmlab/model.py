@@ -391,7 +391,7 @@ class LLaMA(nn.Module):
         head = self.lm_head
         if self.fused_loss and type(head) is nn.Linear and head.bias is None:
             return losses.linear_cross_entropy(x, head.weight, labels)
-        if self.fused_loss and isinstance(head, QuantLinear) and head.bias is None:  # frozen: dequantized per batch
+        if self.fused_loss and isinstance(head, QuantLinear) and head.bias is None:  # frozen: dense copy or dequantized
             return losses.linear_cross_entropy(x, head.dense_weight(compute_dtype(x)), labels)
         return losses.next_token_loss(head(x), labels)
 

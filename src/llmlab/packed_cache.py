@@ -100,10 +100,8 @@ _DTYPES = {str(t): t for t in (torch.float32, torch.bfloat16, torch.float16)}
 def _describe(module: nn.Module) -> dict[str, Any] | None:
     """How to rebuild one module of the quantized model (None: a module `LLaMA(config)` already has)."""
     if isinstance(module, QuantLinear):
-        s = module.spec
         return {"type": "quant", "kernel": module.kernel.name, "bias": module.bias is not None,
-                "out_dtype": None if module.out_dtype is None else str(module.out_dtype),
-                "spec": [s.out_features, s.in_features, s.group, s.bits, s.qmin, s.has_zero]}
+                "out_dtype": None if module.out_dtype is None else str(module.out_dtype), "spec": module.spec.ints()}
     if isinstance(module, FusedQuantLinear):
         return {"type": "fused", "parts": len(module.parts)}
     if isinstance(module, QuantEmbedding):
@@ -204,7 +202,7 @@ def _read(entry: Path) -> tuple[LLaMA, Tokenizer, dict]:
         if kind == "quant":
             out = None if desc["out_dtype"] is None else _DTYPES[desc["out_dtype"]]
             buffers = {k: v for k, v in t.items() if k != "bias"}
-            m: nn.Module = QuantLinear.from_buffers(desc["kernel"], QuantSpec(*desc["spec"]), buffers,
+            m: nn.Module = QuantLinear.from_buffers(desc["kernel"], QuantSpec.from_ints(desc["spec"]), buffers,
                                                     t.get("bias"), out)
         elif kind == "fused":
             m = FusedQuantLinear([build(f"{path}.parts.{i}") for i in range(desc["parts"])])

@@ -112,6 +112,15 @@ class QuantSpec:
         n, k = g.shape
         return QuantSpec(n, k, g.group, g.bits, g.qmin, g.zero is not None)
 
+    def ints(self) -> list[int]:
+        """The fields as ints (has_zero 0/1): how the training ops and the packed cache carry a spec."""
+        return [self.out_features, self.in_features, self.group, self.bits, self.qmin, int(self.has_zero)]
+
+    @staticmethod
+    def from_ints(values: list[int]) -> QuantSpec:
+        """The spec `ints` gave (has_zero read as a truth value, so a stored true/false works too)."""
+        return QuantSpec(*values[:5], bool(values[5]))
+
 
 def _op(name: str):
     """A private aten op by name, or None where this torch build lacks it (the compatibility shim)."""

@@ -63,7 +63,7 @@ def _chunks(in_features: int, start: int, end: int) -> list[tuple[int, int]]:
 # dequantize + GEMM instead of breaking at an autograd.Function that carries the module, and one compiled graph
 # serves every block (the buffers are graph inputs, as parameters are).
 def _unpack_layer(buffers: list[Tensor], names: str, kernel: str, spec: list[int]):
-    return KERNELS[kernel], dict(zip(names.split(","), buffers)), QuantSpec(*spec[:5], bool(spec[5]))
+    return KERNELS[kernel], dict(zip(names.split(","), buffers)), QuantSpec.from_ints(spec)
 
 
 @torch.library.custom_op("llmlab::dense_quant_linear", mutates_args=())
@@ -192,9 +192,7 @@ class QuantLinear(nn.Module):
     def op_args(self) -> tuple[list[Tensor], str, str, list[int]]:
         """The layer as the training ops (`dense_quant_linear`) take it: buffers, their names (comma-joined), kernel,
         spec."""
-        s = self.spec
-        return ([getattr(self, name) for name in self._names], ",".join(self._names), self.kernel.name,
-                [s.out_features, s.in_features, s.group, s.bits, s.qmin, int(s.has_zero)])
+        return [getattr(self, name) for name in self._names], ",".join(self._names), self.kernel.name, self.spec.ints()
 
     @property
     def device(self) -> torch.device:
@@ -377,30 +375,6 @@ def quantize_model(model: nn.Module, mode: str, group: int = 32, kernel: str = "
     return model
 
 
-def keep_dense_copies(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Give every quantized projection of `model` whose kernel a dense copy beats on batches (measured per shape,
-    `quant_kernels.dense_plan`) a dense copy, used from that many rows on (`QuantLinear.keep_dense`): in `dtype` (the
-    activations', by default) or float32, whichever measured faster; a layer with its own output dtype (the fp32
-    head) in that. Returns the bytes added. For serving and evaluation, whose batches are many rows; decoding one
-    sequence (generate, chat) does without, keeping the memory saving. A model without quantized layers is left as
-    it is."""
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.dense is None]
-    if not layers:
-        return 0
-    dtype = dtype or model.model.norm.weight.dtype
-    tables = {id(m.source) for m in model.modules() if isinstance(m, QuantEmbedding)} - {id(model.lm_head)}
-    added = 0
-    for m in layers:
-        if id(m) not in tables:  # a table is only read by rows
-            # a head answering fp32 logits keeps them fp32 (no bf16 ties in scoring); others: whichever is faster
-            candidates = (m.out_dtype,) if m.out_dtype else tuple(dict.fromkeys((dtype, torch.float32)))
-            plan = dense_plan(m.spec, m.device, m.kernel, dtype, candidates)
-            if plan is not None:
-                m.keep_dense(*plan)
-                added += m.dense.numel() * m.dense.element_size()
-    return added
-
-
 def _projections(model: nn.Module) -> list[QuantLinear]:
     """The quantized layers of `model` that multiply (every QuantLinear but a table only read by rows)."""
     tables = {id(m.source) for m in model.modules() if isinstance(m, QuantEmbedding)}
@@ -408,11 +382,37 @@ def _projections(model: nn.Module) -> list[QuantLinear]:
     return [m for m in model.modules() if isinstance(m, QuantLinear) and id(m) not in tables]
 
 
+def keep_dense_copies(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Give every quantized projection of `model` whose kernel a dense copy beats on batches (measured per shape,
+    `quant_kernels.dense_plan`) a dense copy, used from that many rows on (`QuantLinear.keep_dense`): in `dtype` (the
+    activations', by default) or float32, whichever measured faster; a layer with its own output dtype (the fp32
+    head) in that. Returns the bytes added. For serving and evaluation, whose batches are many rows; decoding one
+    sequence (generate, chat) does without, keeping the memory saving. A model without quantized layers is left as
+    it is."""
+    layers = [m for m in _projections(model) if m.dense is None]  # a table is only read by rows
+    if not layers:
+        return 0
+    dtype = dtype or model.model.norm.weight.dtype
+    added = 0
+    for m in layers:
+        # a head answering fp32 logits keeps them fp32 (no bf16 ties in scoring); others: whichever is faster
+        candidates = (m.out_dtype,) if m.out_dtype else tuple(dict.fromkeys((dtype, torch.float32)))
+        plan = dense_plan(m.spec, m.device, m.kernel, dtype, candidates)
+        if plan is not None:
+            m.keep_dense(*plan)
+            added += m.dense.numel() * m.dense.element_size()
+    return added
+
+
+def _without_copy(model: nn.Module, dtype: torch.dtype) -> list[QuantLinear]:
+    """The projections of `model` that keep no dense copy in `dtype` yet."""
+    return [m for m in _projections(model) if m.dense is None or m.dense.dtype != dtype]
+
+
 def training_copy_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """Bytes `keep_training_copies(model, dtype)` would add (layers that keep no copy in `dtype` yet)."""
+    """Bytes `keep_training_copies(model, dtype)` would add."""
     size = torch.empty(0, dtype=dtype).element_size()
-    return sum(m.out_features * m.in_features * size for m in _projections(model)
-               if m.dense is None or m.dense.dtype != dtype)
+    return sum(m.out_features * m.in_features * size for m in _without_copy(model, dtype))
 
 
 def keep_training_copies(model: nn.Module, dtype: torch.dtype) -> int:
@@ -423,10 +423,9 @@ def keep_training_copies(model: nn.Module, dtype: torch.dtype) -> int:
     unchanged; it costs 2 bytes a weight in bf16 (212 MB for SmolLM2-135M's blocks, against ~30% of a CPU LoRA
     step, docs/finetune.md). Returns the bytes added."""
     added = 0
-    for m in _projections(model):
-        if m.dense is None or m.dense.dtype != dtype:
-            m.keep_dense(DENSE_MIN_ROWS, dtype)
-            added += m.dense.numel() * m.dense.element_size()
+    for m in _without_copy(model, dtype):
+        m.keep_dense(DENSE_MIN_ROWS, dtype)
+        added += m.dense.numel() * m.dense.element_size()
     return added
 
 

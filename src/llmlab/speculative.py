@@ -167,8 +167,7 @@ class Draft:
     shrinks by one (to at least 1) after a round that kept none. `stats` sums what every call did."""
 
     def __init__(self, model: LLaMA, tokens: int = 4, adaptive: bool = False) -> None:
-        if not 1 <= tokens <= MAX_DRAFT_TOKENS:
-            raise LLMLabError(f"--draft_tokens must be from 1 to {MAX_DRAFT_TOKENS}, got {tokens}")
+        _check_tokens(tokens)
         self.model, self.tokens, self.adaptive = model, tokens, adaptive
         self.stats = DraftStats()
 
@@ -266,13 +265,17 @@ class Draft:
         return out
 
 
+def _check_tokens(tokens: int) -> None:
+    if not 1 <= tokens <= MAX_DRAFT_TOKENS:
+        raise LLMLabError(f"--draft_tokens must be from 1 to {MAX_DRAFT_TOKENS}, got {tokens}")
+
+
 def check_draft_options(draft: str | Path | None, tokens: int) -> None:
     """Raise a clear error for a --draft that is no file or folder, or --draft-tokens out of range; commands call it
     before loading anything (nothing to check without --draft)."""
     if draft is None:
         return
-    if not 1 <= tokens <= MAX_DRAFT_TOKENS:
-        raise LLMLabError(f"--draft_tokens must be from 1 to {MAX_DRAFT_TOKENS}, got {tokens}")
+    _check_tokens(tokens)
     if not Path(draft).exists():
         raise LLMLabError(f"--draft {draft}: no such checkpoint folder or GGUF file")
 
