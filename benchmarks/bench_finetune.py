@@ -147,7 +147,8 @@ def _llmlab_model(row: str, ckpt: str, lora, compile: str = "auto") -> tuple:
     from llmlab.args import TrainConfig
     from llmlab.finetune import load_base
     from llmlab.methods import make_method
-    from llmlab.train import compile_auto, compile_blocks, setup_precision
+    from llmlab.precision import compile_auto, setup_precision
+    from llmlab.train import compile_blocks
 
     name, base, precision = ROWS[row]
     method = make_method(name, ckpt, lora=lora)
@@ -155,7 +156,7 @@ def _llmlab_model(row: str, ckpt: str, lora, compile: str = "auto") -> tuple:
     model = method.prepare(model)
     amp = setup_precision(model, method, precision, torch.device("cpu"))
     wanted = {"auto": None, "yes": True, "no": False}[compile]
-    compiled = compile_auto(wanted, method, amp, torch.device("cpu"), TrainConfig().max_steps)
+    compiled = compile_auto(wanted, method, amp, torch.device("cpu"), TrainConfig().max_steps, model)
     if compiled:
         compile_blocks(model)  # compiled lazily, in the first (untimed) warm-up step
     return model, method, amp, compiled
@@ -174,7 +175,7 @@ def run_method(args: argparse.Namespace) -> dict:
     import peft  # noqa: F401  every side imports the same libraries before the baseline, so none pays for them
     import transformers  # noqa: F401
 
-    import llmlab.quantized  # noqa: F401
+    from llmlab.quantized import trains_in_int8
     if args.method == "qlora":
         import bitsandbytes  # noqa: F401
     ids = text_tokens(args.ckpt, args.text)
@@ -200,6 +201,7 @@ def run_method(args: argparse.Namespace) -> dict:
         loss, _ = train_step(model, method, optimizer, params, [batch], cfg.grad_clip, amp)
         losses.append(float(loss))
     seconds = time.perf_counter() - t0
+    int8 = args.method not in HF_ROWS and trains_in_int8(model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -207,7 +209,8 @@ def run_method(args: argparse.Namespace) -> dict:
     return {"tokens_per_s": (args.steps - args.warmup) * args.batch_size * args.seq_len / seconds,
             "peak_bytes": peak, "trainable": sum(p.numel() for p in params), "first_loss": losses[0],
             "last_loss": losses[-1], "held_out_loss": held,
-            "autocast": (str(amp).replace("torch.", "") if amp else "fp32") + (", compiled" if compiled else "")}
+            "autocast": (str(amp).replace("torch.", "") if amp else "fp32") + (", int8 base" if int8 else "")
+            + (", compiled" if compiled else "")}
 
 
 def hf_counterpart(row: str) -> str:

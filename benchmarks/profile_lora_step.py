@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> None:
     from llmlab.args import LoRAConfig, TrainConfig
     from llmlab.finetune import load_base
     from llmlab.methods import make_method
-    from llmlab.train import Env, build_optimizer, compile_blocks, setup_precision, train_step
+    from llmlab.precision import setup_precision
+    from llmlab.train import Env, build_optimizer, compile_blocks, train_step
 
     if args.ckpt is None:
         from llmlab.hub import ensure_default_model
