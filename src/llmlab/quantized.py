@@ -483,8 +483,9 @@ def _int8_candidates(model: nn.Module) -> list[QuantLinear]:
     embedding's table) and those under a name in INT8_SKIP."""
     head = id(getattr(model, "lm_head", None))
     projections = {id(m) for m in _projections(model)} - {head}
+    # in_features 1: torch 2.13's _int_mm sums wrong against a transposed (N, 1) weight
     return [m for name, m in model.named_modules() if id(m) in projections and m.int8_weight is None
-            and not set(name.split(".")) & set(INT8_SKIP)]
+            and m.in_features > 1 and not set(name.split(".")) & set(INT8_SKIP)]
 
 
 def int8_copy_bytes(model: nn.Module) -> int:
