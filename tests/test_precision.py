@@ -379,3 +379,13 @@ def test_compile_auto_compiles_fp32_runs_on_int8_copies(cpu_without_bf16, monkey
     assert amp is None and compile_auto(None, method, amp, cpu, COMPILE_AUTO_MIN_STEPS, int8_model)
     assert not compile_auto(None, method, amp, cpu, COMPILE_AUTO_MIN_STEPS, plain)
     assert not compile_auto(None, method, amp, cpu, COMPILE_AUTO_MIN_STEPS - 1, int8_model)
+
+
+def test_int8_training_sets_lean_activations_and_nothing_else_does(cpu_without_bf16):
+    from llmlab.methods.lora import LoRALinear
+    from llmlab.model import MLP
+
+    for precision, lean in (("auto", True), ("fp32", False)):
+        model, _, _ = _tiny_lora_on_quantized_blocks(dense_base=None, precision=precision, int8_base=None)
+        flags = {m.lean_activations for m in model.modules() if isinstance(m, MLP | LoRALinear)}
+        assert flags == {lean}

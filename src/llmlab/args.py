@@ -44,11 +44,12 @@ class TrainConfig:
             available; false keeps only the blocks (least memory).
         int8_base: Multiply a quantized base (LoRA/adapters on GGUF blocks) in int8 while training: its weights
             requantized per output row (1 byte a weight beside the blocks), inputs and gradients quantized per row,
-            one int8 GEMM each way; the MLP's down projection and the head stay on the float path. An
-            approximation (the loss moves ~0.3%, docs/finetune.md) for CPUs without native bf16, whose int8 GEMM
-            runs at 2-4x their fp32 one. Unset (null, the default) = auto: where precision auto trains in fp32 and
-            the CPU's int8 GEMM was measured at least 1.3x faster, if the copies fit in a quarter of the memory
-            available (an explicit --train.precision fp32 keeps fp32 products).
+            one int8 GEMM each way; the MLP's down projection and the head stay on the float path, and the SwiGLU
+            keeps its input in bf16 for the backward (half the activation memory it saves). An approximation (the
+            loss moves ~0.3%, docs/finetune.md) for CPUs without native bf16, whose int8 GEMM runs at 2-4x their
+            fp32 one. Unset (null, the default) = auto: where precision auto trains in fp32 and the CPU's int8 GEMM
+            was measured at least 1.3x faster, if the copies fit in a quarter of the memory available (an explicit
+            --train.precision fp32 keeps fp32 products).
         eval_every: Validation loss every this many steps (0 = only at the start and the end).
         eval_batches: Micro-batches per validation (per process).
         save_every: Write a checkpoint every this many steps (0 = only at the end).

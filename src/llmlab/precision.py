@@ -65,6 +65,9 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
     if isinstance(head, QuantLinear) and getattr(model, "fused_loss", False) and head.dense is None:
         head.keep_dense(DENSE_MIN_ROWS, amp or torch.float32)  # the fused loss reads the whole head every step
     if int8:
+        for module in model.modules():  # an approximate mode already: activations saved in bf16 (llmlab.lean)
+            if hasattr(module, "lean_activations"):
+                module.lean_activations = True
         added = keep_int8_copies(model, int8)
         print(f"llmlab: the quantized base keeps int8 copies for training ({added / 2**20:,.1f} MiB, weights within "
               f"+-{int8}; --train.int8_base false: fp32 products)", file=sys.stderr)
