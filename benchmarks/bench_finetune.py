@@ -3,8 +3,9 @@ transformers' full fine-tuning and HF + PEFT LoRA.
 
 Rows (`--methods`), each llmlab one with the base weights and precision it trains with:
 - lora: LoRA on the GGUF's quantized blocks kept by the checkpoint folder, precision auto (bf16 autocast on a CPU
-  that computes bf16 natively, else fp32), blocks compiled where train.compile auto compiles them (`--compile`):
-  what `llmlab finetune --method lora` does by default;
+  that computes bf16 natively, else fp32 with int8 products of the blocks where train.int8_base auto takes them:
+  `--int8-base`), blocks compiled where train.compile auto compiles them (`--compile`): what
+  `llmlab finetune --method lora` does by default;
 - lora-float: LoRA on the float weights, precision auto; lora-fp32: on the float weights in fp32 (the old default);
 - adapter (bottleneck, GGUF blocks, auto), freeze, full and qlora (float weights, auto);
 - hf-peft-lora and hf-full: HF transformers (+ PEFT) in fp32, SDPA attention.
@@ -71,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the bar chart into img/finetune-bench.png beside it")
     parser.add_argument("--compile", default="auto", choices=("auto", "yes", "no"),
                         help="compile the llmlab rows' blocks (auto: as `llmlab finetune`'s train.compile auto)")
+    parser.add_argument("--int8-base", default="auto", choices=("auto", "yes", "no"),
+                        help="int8 copies of the GGUF blocks for the llmlab rows on them (auto: as `llmlab finetune`'s "
+                        "train.int8_base auto, taken where precision auto trains in fp32)")
     parser.add_argument("--method", help=argparse.SUPPRESS)  # a child process's row
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
@@ -139,7 +143,7 @@ def _hf_model(row: str, ckpt: str, cfg) -> tuple:
     return (peft_lora(model, cfg) if row == REFERENCE else model), hf_method()
 
 
-def _llmlab_model(row: str, ckpt: str, lora, compile: str = "auto") -> tuple:
+def _llmlab_model(row: str, ckpt: str, lora, compile: str = "auto", int8_base: str = "auto") -> tuple:
     """The prepared model, its method, the autocast dtype of a row and whether its blocks were compiled, loaded as
     `llmlab finetune` loads it (train.compile auto decides for a run of the default length, 1,000 steps)."""
     import torch
@@ -147,15 +151,18 @@ def _llmlab_model(row: str, ckpt: str, lora, compile: str = "auto") -> tuple:
     from llmlab.args import TrainConfig
     from llmlab.finetune import load_base
     from llmlab.methods import make_method
-    from llmlab.train import compile_auto, compile_blocks, setup_precision
+    from llmlab.precision import compile_auto, setup_precision
+    from llmlab.train import compile_blocks
 
     name, base, precision = ROWS[row]
     method = make_method(name, ckpt, lora=lora)
     model, _ = load_base(Path(ckpt), name, base, "cpu")
     model = method.prepare(model)
-    amp = setup_precision(model, method, precision, torch.device("cpu"))
-    wanted = {"auto": None, "yes": True, "no": False}[compile]
-    compiled = compile_auto(wanted, method, amp, torch.device("cpu"), TrainConfig().max_steps)
+    choice = {"auto": None, "yes": True, "no": False}
+    int8 = choice[int8_base] if base == "gguf" and name in ("lora", "adapter") else None
+    amp = setup_precision(model, method, precision, torch.device("cpu"), int8_base=int8)
+    wanted = choice[compile]
+    compiled = compile_auto(wanted, method, amp, torch.device("cpu"), TrainConfig().max_steps, model)
     if compiled:
         compile_blocks(model)  # compiled lazily, in the first (untimed) warm-up step
     return model, method, amp, compiled
@@ -174,7 +181,7 @@ def run_method(args: argparse.Namespace) -> dict:
     import peft  # noqa: F401  every side imports the same libraries before the baseline, so none pays for them
     import transformers  # noqa: F401
 
-    import llmlab.quantized  # noqa: F401
+    from llmlab.quantized import trains_in_int8
     if args.method == "qlora":
         import bitsandbytes  # noqa: F401
     ids = text_tokens(args.ckpt, args.text)
@@ -186,7 +193,7 @@ def run_method(args: argparse.Namespace) -> dict:
     if args.method in HF_ROWS:
         model, method = _hf_model(args.method, args.ckpt, lora)
     else:
-        model, method, amp, compiled = _llmlab_model(args.method, args.ckpt, lora, args.compile)
+        model, method, amp, compiled = _llmlab_model(args.method, args.ckpt, lora, args.compile, args.int8_base)
     model.train()
     lr = args.full_lr if args.method in FULL_ROWS else args.lr
     cfg = TrainConfig(lr=lr, weight_decay=0.0, grad_clip=1.0)
@@ -200,6 +207,7 @@ def run_method(args: argparse.Namespace) -> dict:
         loss, _ = train_step(model, method, optimizer, params, [batch], cfg.grad_clip, amp)
         losses.append(float(loss))
     seconds = time.perf_counter() - t0
+    int8 = args.method not in HF_ROWS and trains_in_int8(model)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_rss
     model.eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
@@ -207,7 +215,8 @@ def run_method(args: argparse.Namespace) -> dict:
     return {"tokens_per_s": (args.steps - args.warmup) * args.batch_size * args.seq_len / seconds,
             "peak_bytes": peak, "trainable": sum(p.numel() for p in params), "first_loss": losses[0],
             "last_loss": losses[-1], "held_out_loss": held,
-            "autocast": (str(amp).replace("torch.", "") if amp else "fp32") + (", compiled" if compiled else "")}
+            "autocast": (str(amp).replace("torch.", "") if amp else "fp32") + (", int8 base" if int8 else "")
+            + (", compiled" if compiled else "")}
 
 
 def hf_counterpart(row: str) -> str:

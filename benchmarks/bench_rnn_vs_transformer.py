@@ -73,7 +73,8 @@ def measure(args: argparse.Namespace) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from llmlab.args import TrainConfig
-    from llmlab.train import Env, autocast_dtype, build_optimizer, train_step
+    from llmlab.precision import autocast_dtype
+    from llmlab.train import Env, build_optimizer, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -67,7 +67,8 @@ def run_side(args: argparse.Namespace) -> dict:
     from llmlab.config import ModelConfig
     from llmlab.methods import Method
     from llmlab.model import build_model
-    from llmlab.train import Env, autocast_dtype, build_optimizer, train_step
+    from llmlab.precision import autocast_dtype
+    from llmlab.train import Env, build_optimizer, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -187,7 +187,8 @@ class Worker:
 
         from llmlab.args import LoRAConfig
         from llmlab.methods import make_method
-        from llmlab.train import compile_blocks, setup_precision
+        from llmlab.precision import setup_precision
+        from llmlab.train import compile_blocks
 
         lora = LoRAConfig(**LORA)
         if self.engine == "llmlab":

@@ -2,7 +2,8 @@
 (LoRA on the GGUF blocks the checkpoint folder keeps, precision auto), ops grouped into what the step does.
 
 The groups (by aten op name, self CPU time): base matmuls (the dense GEMMs the quantized base's weights go
-through, the LoRA A/B products and the LM head's), dequantize (GGUF blocks to the compute dtype, forward and
+through, or their int8 GEMMs where train.int8_base takes them, the LoRA A/B products and the LM head's), the per-row
+int8 quantization of inputs and gradients when not compiled, dequantize (GGUF blocks to the compute dtype, forward and
 backward), attention, loss (softmax, log-sum-exp of the chunked head), optimizer (AdamW, gradient clipping),
 norms and activations (RMSNorm, SiLU, RoPE's elementwise ops), data movement (copies, casts, cat, index) and the
 rest. Prints the group table and the top ops.
@@ -21,7 +22,8 @@ GROUPS = (
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
     ("optimizer", ("_fused_adamw", "adamw", "_foreach", "clip_grad", "norm_")),
     ("loss", ("logsumexp", "exp_", "scatter_add", "gather", "softmax", "log_softmax", "nll_loss")),
-    ("base matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul")),
+    ("base matmuls", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_int_mm")),
+    ("int8 quantization (eager)", ("aten::amax", "aten::round", "aten::abs", "aten::clamp")),
     ("norms, activations, RoPE", ("rsqrt", "pow", "mean", "silu", "aten::mul", "aten::add", "aten::neg", "aten::sub",
                                   "aten::cos", "aten::sin", "aten::div", "aten::sum")),
     ("data movement", ("copy_", "aten::to", "_to_copy", "aten::cat", "index", "clone", "contiguous", "fill_",
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     from llmlab.args import LoRAConfig, TrainConfig
     from llmlab.finetune import load_base
     from llmlab.methods import make_method
-    from llmlab.train import Env, build_optimizer, compile_blocks, setup_precision, train_step
+    from llmlab.precision import setup_precision
+    from llmlab.train import Env, build_optimizer, compile_blocks, train_step
 
     if args.ckpt is None:
         from llmlab.hub import ensure_default_model
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     model, _ = load_base(Path(args.ckpt), "lora", args.base_weights, "cpu")
     model = method.prepare(model)
     amp = setup_precision(model, method, args.precision, torch.device("cpu"))
-    if args.compile:
+    if args.compile:  # as train.compile (auto compiles LoRA under bf16 autocast and on int8 copies)
         compile_blocks(model)
     cfg = TrainConfig(lr=1e-4, weight_decay=0.0)
     named = method.trainable_parameters(model)
@@ -86,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     per_group: dict[str, float] = {}
     for e in events:
         per_group[group_of(e.key)] = per_group.get(group_of(e.key), 0.0) + e.self_cpu_time_total
-    print(f"{args.ckpt}, LoRA r=8 on all projections, base {args.base_weights}, precision {args.precision}, "
+    from llmlab.quantized import trains_in_int8
+
+    int8 = ", int8 copies of the blocks" if trains_in_int8(model) else ""
+    print(f"{args.ckpt}, LoRA r=8 on all projections, base {args.base_weights}{int8}, precision {args.precision}, "
           f"{'compiled blocks' if args.compile else 'eager'} "
           f"(autocast {amp}), batch {args.batch_size} x {args.seq_len}, {torch.get_num_threads()} threads: "
           f"{total / 1e3 / args.steps:,.0f} ms of op time per step\n")

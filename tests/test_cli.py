@@ -201,3 +201,8 @@ def test_bare_bool_flag_means_true(inputs: dict[str, Path], tmp_path: Path, caps
         with pytest.raises(SystemExit):
             main([*base[:-1], *extra, base[-1]])
         assert f"compile: {compiled}" in capsys.readouterr().out
+    flag = "--train.int8_base"
+    for extra, int8 in (([], "null"), ([flag, "true"], "true"), ([flag, "false"], "false")):
+        with pytest.raises(SystemExit):
+            main([*base[:-1], *extra, base[-1]])
+        assert f"int8_base: {int8}" in capsys.readouterr().out

@@ -1,5 +1,6 @@
 """What the machine can do: native bf16 detection (every `auto` precision asks it) and the memory available for
-optional copies (`train.dense_base` auto)."""
+optional copies (`train.dense_base` auto), and the range of weights this CPU's int8 GEMM multiplies exactly
+(`train.int8_base`)."""
 
 from __future__ import annotations
 
@@ -67,3 +68,51 @@ def test_cpp_compiler_is_the_first_on_the_path(monkeypatch):
 def test_compiled_steps_are_verified_on_avx512_and_amx_only(monkeypatch, capability, verified):
     monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
     assert hardware.compile_verified_cpu() is verified
+
+
+def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """An int8 GEMM as oneDNN computes it without VNNI: the signed input shifted to u8 (+128), pairs of u8 x s8
+    products summed in 16 bits with saturation, the shift's contribution subtracted after."""
+    u, w = a.long() + 128, b.long()
+    prods = u[:, :, None] * w[None]  # (M, K, N)
+    pairs = prods.view(u.shape[0], -1, 2, w.shape[1]).sum(2).clamp(-32768, 32767)
+    return (pairs.sum(1) - 128 * w.sum(0)[None]).to(torch.int32)
+
+
+@pytest.mark.parametrize("int_mm,expected", [(None, "measured"), (_saturating_int_mm, 63),
+                                             (lambda a, b: torch._int_mm(a, b) + 1, None)])
+def test_int8_matmul_limit_is_what_the_gemm_computes_exactly(monkeypatch, int_mm, expected):
+    """The probe finds the weight range the int8 GEMM gets exactly right: this machine's own answer (checked here
+    against exact integer products at that range), 63 for a GEMM that saturates 16-bit pair sums (AVX2 without
+    VNNI), None for one that is wrong even then."""
+    if int_mm is not None:
+        monkeypatch.setattr(torch, "_int_mm", int_mm)
+    hardware.int8_matmul_limit.cache_clear()
+    hardware.int8_matmul_speedup.cache_clear()
+    try:
+        limit = hardware.int8_matmul_limit()
+        if expected != "measured":
+            assert limit == expected
+            assert (hardware.int8_matmul_speedup() == 0.0) is (expected is None)
+            return
+        assert limit in (127, 63, None)
+        if limit is not None:  # the range it promises is exact on other shapes too
+            g = torch.Generator().manual_seed(5)
+            a = torch.randint(-127, 128, (37, 300), generator=g, dtype=torch.int8)
+            w = torch.randint(-limit, limit + 1, (120, 300), generator=g, dtype=torch.int8)
+            assert torch.equal(torch._int_mm(a, w.t()).long(), a.long() @ w.long().t())
+            assert hardware.int8_matmul_speedup() > 0
+    finally:
+        hardware.int8_matmul_limit.cache_clear()
+        hardware.int8_matmul_speedup.cache_clear()
+
+
+def test_the_saturating_reference_gemm_is_exact_within_its_range():
+    """The model of a non-VNNI GEMM above is itself right where no pair saturates (and wrong where one does)."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(-127, 128, (8, 64), generator=g, dtype=torch.int8)
+    small = torch.randint(-63, 64, (64, 16), generator=g, dtype=torch.int8)
+    assert torch.equal(_saturating_int_mm(a, small).long(), a.long() @ small.long())
+    big = torch.full((64, 16), 127, dtype=torch.int8)
+    assert not torch.equal(_saturating_int_mm(torch.full((8, 64), 127, dtype=torch.int8), big).long(),
+                           torch.full((8, 64), 127).long() @ big.long())

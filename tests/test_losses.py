@@ -101,6 +101,9 @@ def test_mismatched_labels_are_refused():
 def test_default_chunk_bounds_the_logits_per_chunk():
     assert default_chunk(49152) * 49152 <= 1 << 27
     assert default_chunk(10**9) == 64
+    cpu = default_chunk(49152, torch.device("cpu"))  # a CPU keeps the loss's peak small: ~170 rows of 49k
+    assert cpu * 49152 * 4 <= 32 * 2**20 and cpu >= 128
+    assert default_chunk(49152, torch.device("cuda")) == default_chunk(49152)
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-mha"])

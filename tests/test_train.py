@@ -380,32 +380,6 @@ def test_bf16_true_trains_in_bf16(data_dir: Path, tmp_path: Path) -> None:
     assert result.losses[6] < result.losses[1]
 
 
-def test_setup_precision_keeps_frozen_weights_in_bf16_only_for_methods_that_do_not_save_them() -> None:
-    from llmlab.args import LoRAConfig
-    from llmlab.methods import LoRA
-    from llmlab.train import setup_precision
-
-    for method, frozen in ((LoRA(LoRAConfig(targets="all")), torch.bfloat16), (Full(), torch.float32)):
-        model = method.prepare(build_model(ModelConfig.from_name("tiny")))
-        assert setup_precision(model, method, "bf16", torch.device("cpu")) == torch.bfloat16
-        assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
-        assert {p.dtype for p in model.parameters() if not p.requires_grad} <= {frozen}
-    model = build_model(ModelConfig.from_name("tiny"))
-    assert setup_precision(model, Full(), "bf16-true", torch.device("cpu")) is None
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-
-
-@pytest.mark.parametrize("native", [True, False])
-def test_auto_precision_is_bf16_autocast_only_where_the_cpu_computes_bf16(native: bool, monkeypatch) -> None:
-    import llmlab.checkpoint as checkpoint
-    from llmlab.train import autocast_dtype
-
-    monkeypatch.setattr(checkpoint, "native_bf16", lambda device="cpu": native)
-    assert autocast_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if native else None)
-    assert autocast_dtype("fp32", torch.device("cpu")) is None
-    assert autocast_dtype("bf16", torch.device("cpu")) == torch.bfloat16  # forced: runs on any CPU
-
-
 @pytest.mark.parametrize("native", [True, False])
 def test_pretrain_auto_precision_follows_the_cpu(native: bool, data_dir: Path, model_yaml: Path, tmp_path: Path,
                                                  monkeypatch) -> None:
@@ -433,22 +407,3 @@ def test_bf16_autocast_loss_curve_tracks_fp32(data_dir: Path, tmp_path: Path) ->
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(LLMLabError, match="'precision' must be auto, fp32, bf16 or bf16-true, got 'fp16'"):
         small_config(precision="fp16").validate()
-
-
-def test_compile_auto_compiles_long_cpu_adapter_runs_under_bf16_only(monkeypatch) -> None:
-    import shutil
-
-    from llmlab.args import LoRAConfig
-    from llmlab.methods import make_method
-    from llmlab.train import COMPILE_AUTO_MIN_STEPS, compile_auto
-
-    lora, cpu, bf16 = make_method("lora", lora=LoRAConfig()), torch.device("cpu"), torch.bfloat16
-    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
-    assert compile_auto(None, lora, bf16, cpu, COMPILE_AUTO_MIN_STEPS)
-    assert not compile_auto(None, lora, bf16, cpu, COMPILE_AUTO_MIN_STEPS - 1)  # too short to repay the compile
-    assert not compile_auto(None, lora, None, cpu, 1000)  # fp32: not measured to pay
-    assert not compile_auto(None, Full(), bf16, cpu, 1000)  # full fine-tuning: not measured to pay
-    assert not compile_auto(None, lora, bf16, torch.device("cuda"), 1000)
-    assert compile_auto(True, Full(), None, cpu, 1) and not compile_auto(False, lora, bf16, cpu, 1000)
-    monkeypatch.setattr(shutil, "which", lambda name: None)  # no C++ compiler for inductor
-    assert not compile_auto(None, lora, bf16, cpu, 1000)

@@ -111,3 +111,60 @@ def compile_verified_cpu() -> bool:
     harness aborted inside the compiled step (docs/benchmarks.md), so `auto` stays eager there."""
     capability = cpu_capability()
     return "AVX512" in capability or "AMX" in capability
+
+
+INT8_MIN_SPEEDUP = 1.3  # train.int8_base auto: _int_mm must beat the fp32 GEMM by this much (int8_matmul_speedup)
+
+
+@functools.cache
+def int8_matmul_limit() -> int | None:
+    """The largest weight magnitude (127 or 63) for which this CPU's `torch._int_mm` (int8 x int8 -> int32 GEMM) is
+    exact, or None (no CPU kernel, or wrong sums even then). Measured, not read off the flags: without VNNI (AVX2,
+    and AVX-512 CPUs before Cascade Lake) oneDNN's int8 GEMM adds pairs of u8 x s8 products in 16 bits with
+    saturation, so full-range int8 weights give wrong sums (under ONEDNN_MAX_CPU_ISA=AVX2: errors of ~20% of the
+    result) while weights within +-63 are exact; with VNNI the full range is. The probe multiplies extreme values
+    with the weight as the second operand in both layouts training uses and compares with an exact int64 product."""
+    if not hasattr(torch, "_int_mm"):
+        return None
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 576), generator=gen, dtype=torch.int8)
+    a[:, ::7] = -127
+    g = a[:, :256].contiguous()  # a gradient (M, N) times the weight (N, K): the input gradient's product
+    for bound in (127, 63):
+        w = torch.randint(-bound, bound + 1, (256, 576), generator=gen, dtype=torch.int8)
+        w[::5, ::3] = bound  # extremes in every row: the saturating case
+        try:
+            ok = (torch.equal(torch._int_mm(a, w.t()).long(), a.long() @ w.long().t())  # the forward's x @ W.T
+                  and torch.equal(torch._int_mm(g, w).long(), g.long() @ w.long()))
+        except RuntimeError:  # no CPU kernel in this torch build
+            return None
+        if ok:
+            return bound
+    return None
+
+
+@functools.cache
+def int8_matmul_speedup() -> float:
+    """How many times faster this CPU's int8 GEMM (`torch._int_mm`) is than its fp32 GEMM on a training-sized product
+    (256 x 576 x 1536, best of 5, ~0.1 s once per process); 0 where there is no exact int8 GEMM. int8 dot products
+    (vpmaddubsw on AVX2, VNNI) run at 2-4x the fp32 rate; a CPU or torch build without a fast path does not."""
+    import time
+
+    limit = int8_matmul_limit()
+    if limit is None:
+        return 0.0
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(256, 576, generator=gen), torch.randn(1536, 576, generator=gen)
+    xq = torch.randint(-127, 128, (256, 576), generator=gen, dtype=torch.int8)
+    wq = torch.randint(-limit, limit + 1, (1536, 576), generator=gen, dtype=torch.int8)
+
+    def best(f) -> float:
+        f()
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    return best(lambda: x @ w.t()) / best(lambda: torch._int_mm(xq, wq.t()))

@@ -27,6 +27,9 @@ from torch import Tensor
 
 IGNORE_INDEX = -100  # labels with this value carry no loss (e.g. the prompt of an instruction example)
 CHUNK_ELEMENTS = 1 << 27  # logits per chunk (512 MiB in fp32): a few chunks per batch, large matmuls
+# on a CPU (32 MiB in fp32): the chunk's logits are the loss's peak memory, and ~170 rows of SmolLM2's 49,152-wide
+# head already run its GEMM at full speed (a 512-token batch in one chunk held ~70 MiB more at the step's peak)
+CPU_CHUNK_ELEMENTS = 1 << 23
 
 
 def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -39,9 +42,10 @@ def next_token_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(0, 1), ignore_index=IGNORE_INDEX)
 
 
-def default_chunk(vocab_size: int) -> int:
-    """Tokens per chunk for a vocabulary: CHUNK_ELEMENTS logits, at least 64 tokens."""
-    return max(64, CHUNK_ELEMENTS // vocab_size)
+def default_chunk(vocab_size: int, device: torch.device | None = None) -> int:
+    """Tokens per chunk for a vocabulary: CHUNK_ELEMENTS logits (CPU_CHUNK_ELEMENTS on a CPU), at least 64 tokens."""
+    elements = CPU_CHUNK_ELEMENTS if device is not None and device.type == "cpu" else CHUNK_ELEMENTS
+    return max(64, elements // vocab_size)
 
 
 def softmax_rows(vocab_size: int, device: torch.device) -> int:
@@ -113,7 +117,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: 
     skipping labels equal to IGNORE_INDEX, without materialising the logits of all positions (module doc).
 
     Equal (to rounding) to `F.cross_entropy(F.linear(hidden, weight).float().flatten(0, -2), labels.flatten(),
-    ignore_index=-100)`, gradients included. `chunk`: tokens per chunk (default: `default_chunk(vocab)`).
+    ignore_index=-100)`, gradients included. `chunk`: tokens per chunk (default: `default_chunk(vocab, device)`).
     """
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     if h.shape[0] != y.shape[0]:
@@ -128,7 +132,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: 
         keep = (y != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync; shapes become data-dependent
         if keep.numel() < y.numel():
             h, y = h[keep], y[keep]
-    chunk = chunk or default_chunk(weight.shape[0])
+    chunk = chunk or default_chunk(weight.shape[0], h.device)
     with torch.autocast(device_type, enabled=False):
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             return _LinearCrossEntropy.apply(h, weight, y, chunk, h.requires_grad, weight.requires_grad)

@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from llmlab import losses
 from llmlab.config import ModelConfig
 from llmlab.errors import LLMLabError
+from llmlab.lean import swiglu_saved_bf16
 from llmlab.quantized import QuantLinear, compute_dtype
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # enable_gqa came in 2.5
@@ -262,16 +263,21 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). `lean_activations`: the backward keeps gate_up in bf16 only (set by
+    `llmlab.precision` for fp32 training on int8 copies of a quantized base, a mode that approximates anyway)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.lean_activations = False
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.lean_activations and torch.is_grad_enabled() and gate_up.dtype == torch.float32:
+            return self.down_proj(swiglu_saved_bf16(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 

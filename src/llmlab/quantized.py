@@ -13,7 +13,9 @@ eighth of an fp32 one. `QuantLinear` holds a weight as `Groups` (integer codes +
   backward (grad_x = grad_y @ W), never kept: LoRA and bottleneck adapters train on a quantized base through it;
   the quantized weights themselves are frozen. Where memory allows, training keeps a dense copy in the compute
   dtype instead (`keep_training_copies`, `train.dense_base`): the same weights, one GEMM and no dequantization a
-  step;
+  step. Training in fp32 on a CPU whose int8 GEMM is much faster than its fp32 one (AVX2 and VNNI CPUs without
+  native bf16) may keep int8 copies instead (`keep_int8_copies`, `train.int8_base`): the weight requantized per
+  row, inputs and gradients quantized per row, one int8 GEMM each way;
 - inference batches (`keep_dense_copies`): the kernels are built for decoding's one row and their cost grows with
   the rows, so where a serving batch, a prefill or a scoring batch is multiplied faster by the dense GEMM
   (measured per shape, `quant_kernels.dense_plan`) a layer may also keep a dense copy in the activations' dtype
@@ -139,6 +141,33 @@ class _QuantMatmul(torch.autograd.Function):
         return _grad_input(ctx.layer, grad.to(ctx.x_dtype)), None, None
 
 
+def _quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """x (M, K) as int8 codes and a scale per row (fp32 absmax / 127, so each row uses the whole int8 range)."""
+    x = x.float()
+    scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-30) / 127.0
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """y = x @ W.T with W frozen as int8 codes (N, K) and a scale per output row, x quantized per row on the fly:
+    one int8 GEMM (`torch._int_mm`, int32 sums) scaled back. The input gradient is the same kind of product:
+    grad_x = (grad_y * scale) @ codes, the gradient quantized per row. Tensors only (no module), so a compiled block
+    traces through it and fuses the quantization with its neighbours."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, codes: Tensor, scale: Tensor) -> Tensor:
+        q, row_scale = _quantize_rows(x)
+        ctx.save_for_backward(codes, scale)
+        ctx.x_dtype = x.dtype
+        return torch._int_mm(q, codes.t()).float() * row_scale * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        codes, scale = ctx.saved_tensors
+        q, row_scale = _quantize_rows(grad.float() * scale)
+        return (torch._int_mm(q, codes).float() * row_scale).to(ctx.x_dtype), None, None
+
+
 class QuantLinear(nn.Module):
     """y = x W^T + b with W held as group-wise integer codes (see the module docstring).
 
@@ -172,6 +201,8 @@ class QuantLinear(nn.Module):
         self.out_dtype = out_dtype
         self.register_buffer("dense", None, persistent=False)  # see keep_dense
         self.dense_from = 0
+        self.register_buffer("int8_weight", None, persistent=False)  # see keep_int8
+        self.register_buffer("int8_scale", None, persistent=False)
 
     @classmethod
     def from_buffers(cls, kernel: str, spec: QuantSpec, buffers: dict[str, Tensor], bias: Tensor | None = None,
@@ -205,6 +236,8 @@ class QuantLinear(nn.Module):
             t = getattr(self, name)
             if t.dtype != dtype:
                 setattr(self, name, t.to(dtype))
+        if self.int8_scale is not None and self.int8_scale.dtype != torch.float32:
+            self.int8_scale = self.int8_scale.float()
         return self
 
     def forward(self, x: Tensor) -> Tensor:
@@ -212,7 +245,9 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         compute = compute_dtype(x)
         out_dtype = self.out_dtype or compute
-        if (self.dense is not None and x2.shape[0] >= self.dense_from
+        if self.int8_weight is not None and torch.is_grad_enabled() and x2.shape[0] >= DENSE_MIN_ROWS:
+            y = _Int8Matmul.apply(x2, self.int8_weight, self.int8_scale).to(out_dtype)  # training, int8 (keep_int8)
+        elif (self.dense is not None and x2.shape[0] >= self.dense_from
                 and (self.dense.dtype == compute or not x.requires_grad)):  # a batch and its dense copy
             y = F.linear(x2.to(self.dense.dtype), self.dense).to(out_dtype)
         elif torch.is_grad_enabled() and x2.shape[0] >= DENSE_MIN_ROWS:  # training: dequantize + dense GEMM
@@ -233,6 +268,17 @@ class QuantLinear(nn.Module):
         in `dtype` and returned in the layer's output dtype."""
         self.dense = self.dequantize(dtype)
         self.dense_from = from_rows
+
+    def keep_int8(self, limit: int) -> None:
+        """Multiply training batches (gradients recorded, `DENSE_MIN_ROWS` rows or more) in int8 from now on: the
+        weight requantized per output row to codes within +-`limit` (127; 63 where the CPU's int8 GEMM saturates,
+        `hardware.int8_matmul`), 1 byte a weight beside the blocks, inputs and gradients quantized per row on the
+        fly (`_Int8Matmul`). An approximation of the weight the layer holds (the loss moves by ~0.2-0.4% on SmolLM2,
+        docs/finetune.md), for CPUs whose int8 GEMM is 2-4x their fp32 one; decoding and evaluation keep the kernel."""
+        w = self.dequantize(torch.float32)
+        scale = w.abs().amax(dim=1).clamp(min=1e-30) / limit
+        self.int8_weight = torch.round(w / scale[:, None]).clamp(-limit, limit).to(torch.int8)
+        self.int8_scale = scale
 
     def dense_weight(self, dtype: torch.dtype) -> Tensor:
         """The whole weight in `dtype`: the dense copy when the layer keeps one in that dtype (`keep_dense`), else
@@ -427,6 +473,42 @@ def keep_training_copies(model: nn.Module, dtype: torch.dtype) -> int:
         m.keep_dense(DENSE_MIN_ROWS, dtype)
         added += m.dense.numel() * m.dense.element_size()
     return added
+
+
+INT8_SKIP = ("down_proj",)  # keep_int8_copies leaves these to the float path (see there)
+
+
+def _int8_candidates(model: nn.Module) -> list[QuantLinear]:
+    """The projections `keep_int8_copies` requantizes: every one but the LM head (also reached as a tied
+    embedding's table) and those under a name in INT8_SKIP."""
+    head = id(getattr(model, "lm_head", None))
+    projections = {id(m) for m in _projections(model)} - {head}
+    # in_features 1: torch 2.13's _int_mm sums wrong against a transposed (N, 1) weight
+    return [m for name, m in model.named_modules() if id(m) in projections and m.int8_weight is None
+            and m.in_features > 1 and not set(name.split(".")) & set(INT8_SKIP)]
+
+
+def int8_copy_bytes(model: nn.Module) -> int:
+    """Bytes `keep_int8_copies(model, ...)` would add (a byte a weight and 4 a row)."""
+    return sum(m.out_features * (m.in_features + 4) for m in _int8_candidates(model))
+
+
+def keep_int8_copies(model: nn.Module, limit: int) -> int:
+    """Give the quantized projections of `model` int8 copies for training (`QuantLinear.keep_int8`, codes within
+    +-`limit`); returns the bytes added. Left out (INT8_SKIP): the MLP's down projection, whose input (the SwiGLU
+    product) has outlier channels that a per-row int8 scale flattens (measured on SmolLM2: int8 there alone raised
+    the loss by 0.9%, every other projection together by 0.2%), and the LM head, which the fused loss multiplies
+    by its dense weight."""
+    added = 0
+    for m in _int8_candidates(model):
+        m.keep_int8(limit)
+        added += m.int8_weight.numel() + m.int8_scale.numel() * 4
+    return added
+
+
+def trains_in_int8(model: nn.Module) -> bool:
+    """Whether any quantized layer of `model` multiplies training batches in int8 (`keep_int8_copies`)."""
+    return any(isinstance(m, QuantLinear) and m.int8_weight is not None for m in model.modules())
 
 
 def quantized_bytes(model: nn.Module) -> int:

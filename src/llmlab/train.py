@@ -40,10 +40,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from llmlab.args import TrainConfig
-from llmlab.checkpoint import check_folder_path, default_dtype, remove_folder, sweep_leftovers, write_json
+from llmlab.checkpoint import check_folder_path, remove_folder, sweep_leftovers, write_json
 from llmlab.errors import LLMLabError
 from llmlab.methods import Method
 from llmlab.metrics import RunLogger
+from llmlab.precision import compile_auto, setup_precision
 
 __all__ = ["TrainConfig", "TrainData", "TrainResult", "compile_blocks", "evaluate", "lr_at", "setup_precision", "train",
            "train_step"]
@@ -197,85 +198,6 @@ def _grad_sync(wrapped: nn.Module, raw: nn.Module, env: Env) -> Callable[[bool],
     return sync
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of a precision option (None = no autocast: plain fp32, or bf16-true). auto autocasts to
-    bf16 where the device computes it natively (CUDA; a CPU with AVX-512 BF16 or AMX, `llmlab.hardware.native_bf16`)
-    and trains in plain fp32 elsewhere, where bf16 is converted in software and slower than fp32."""
-    amp = {"bf16": torch.bfloat16, "auto": default_dtype(device, bf16_if_native=True)}.get(precision)
-    return None if amp == torch.float32 else amp
-
-
-def setup_precision(model: nn.Module, method: Method, precision: str, device: torch.device,
-                    dense_base: bool | None = None) -> torch.dtype | None:
-    """Give a prepared model the dtypes of a precision option; returns the autocast dtype (None: no autocast).
-
-    bf16-true casts every floating parameter to bf16 (no fp32 master weights: least memory, fastest, AdamW
-    updates rounded to bf16). Under autocast, a method that saves only what it trains (`Method.saves_frozen`
-    False: LoRA, adapters, QLoRA) gets its frozen parameters (and floating buffers, such as a quantized
-    embedding's output dtype) stored in the autocast dtype: autocast would cast them to it for every matmul
-    anyway, so the fp32 copy of the frozen base is pure memory, and its casts pure time; the residual stream then
-    runs in that dtype too, as the frozen embedding gives it. A quantized LM head (GGUF blocks) keeps a dense copy
-    in that dtype (`QuantLinear.keep_dense`: 2 bytes a weight, 57 MB for SmolLM2's tied 49152 x 576 head): the
-    fused loss multiplies by the whole head every step, and dequantizing it each time cost ~7% of a LoRA step,
-    while the loss held a dequantized copy during the step anyway (so the peak memory hardly moves). The quantized
-    blocks keep dense copies in that dtype too where `dense_base_auto` says so (`quantized.keep_training_copies`).
-    """
-    if precision == "bf16-true":
-        model.to(torch.bfloat16)
-        return None
-    amp = autocast_dtype(precision, device)
-    dense = not method.saves_frozen and dense_base_auto(dense_base, model, amp, device)
-    if amp is not None and not method.saves_frozen:
-        from llmlab.quantized import DENSE_MIN_ROWS, QuantLinear, keep_training_copies
-
-        head = getattr(model, "lm_head", None)
-        if isinstance(head, QuantLinear) and getattr(model, "fused_loss", False) and head.dense is None:
-            head.keep_dense(DENSE_MIN_ROWS, amp)  # the fused loss reads the whole head every step (see docstring)
-        if dense:
-            added = keep_training_copies(model, amp)
-            if added:
-                print(f"llmlab: the quantized base keeps a dense {str(amp).removeprefix('torch.')} copy while "
-                      f"training ({added / 2**20:,.1f} MiB; --train.dense_base false: blocks only, slower)",
-                      file=sys.stderr)
-        with torch.no_grad():
-            for p in model.parameters():
-                if not p.requires_grad and p.is_floating_point() and p.dtype != amp:
-                    p.data = p.data.to(amp)
-            for module in model.modules():  # dtype-carrying buffers (a quantized embedding's output dtype)
-                if isinstance(module, QuantLinear):
-                    continue  # its kernel's buffers keep the dtypes it packed
-                for name, b in module.named_buffers(recurse=False):
-                    if b is not None and b.is_floating_point() and b.dtype != amp:
-                        setattr(module, name, b.to(amp))
-    return amp
-
-
-DENSE_BASE_AUTO_SHARE = 4  # train.dense_base auto: the copies may take up to 1/4 of the memory available
-
-
-def dense_base_auto(dense_base: bool | None, model: nn.Module, amp: torch.dtype | None, device: torch.device) -> bool:
-    """Whether a quantized base keeps dense copies in the autocast dtype `amp` while training (`--train.dense_base`):
-    as given, but never without autocast (fp32 copies would be the float weights this path exists to avoid; a
-    float base is the choice then: `--base_weights float`); None (auto) when the copies take at most
-    1/DENSE_BASE_AUTO_SHARE of the memory `device` has available (`hardware.available_memory`)."""
-    from llmlab.hardware import available_memory
-    from llmlab.quantized import training_copy_bytes
-
-    if dense_base is False:
-        return False
-    if amp is None:
-        if dense_base and training_copy_bytes(model, torch.float32):
-            raise LLMLabError("--train.dense_base true needs bf16 autocast (--train.precision bf16, or auto on a "
-                              "CPU with native bf16): an fp32 copy of the base is its float weights, which "
-                              "--base_weights float trains on directly")
-        return False
-    need = training_copy_bytes(model, amp)
-    if dense_base:
-        return need > 0
-    free = available_memory(device)
-    return need > 0 and free is not None and need * DENSE_BASE_AUTO_SHARE <= free
-
-
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile each transformer block of `model` in place (regional compilation); returns how many.
 
@@ -290,24 +212,6 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.compile()
     return len(blocks)
-
-
-COMPILE_AUTO_MIN_STEPS = 100  # train.compile auto: runs shorter than this stay eager (the compile would not repay)
-
-
-def compile_auto(compile: bool | None, method: Method, amp: torch.dtype | None, device: torch.device,
-                 max_steps: int) -> bool:
-    """Whether to compile the blocks: `compile` True/False as given; None (auto) compiles where it was measured to
-    pay: adapter-style training (LoRA, adapters: `Method.saves_frozen` False) under bf16 autocast on a CPU, for a run
-    of at least COMPILE_AUTO_MIN_STEPS steps, with a C++ compiler for inductor. There a compiled block fuses the
-    norms, RoPE, SwiGLU and the casts between bf16 and fp32 around the dense GEMMs (~10% of a LoRA step on the
-    default model, docs/finetune.md) for one block's compile time (5-30 s, cached by inductor across runs)."""
-    from llmlab.hardware import cpp_compiler
-
-    if compile is not None:
-        return compile
-    return (device.type == "cpu" and amp is not None and not method.saves_frozen
-            and max_steps >= COMPILE_AUTO_MIN_STEPS and cpp_compiler() is not None)
 
 
 def build_optimizer(named: Sequence[tuple[str, nn.Parameter]], cfg: TrainConfig, env: Env) -> torch.optim.AdamW:
@@ -558,10 +462,10 @@ def _train(model: nn.Module, method: Method, data: TrainData, cfg: TrainConfig, 
     torch.manual_seed(cfg.seed + env.rank)  # per-process randomness of the methods (the data has its own)
 
     raw = method.prepare(model.to(env.device))
-    amp = setup_precision(raw, method, cfg.precision, env.device, cfg.dense_base)
+    amp = setup_precision(raw, method, cfg.precision, env.device, cfg.dense_base, cfg.int8_base)
     if cfg.activation_checkpointing:
         raw.gradient_checkpointing = True
-    compiled = compile_auto(cfg.compile, method, amp, env.device, max_steps)
+    compiled = compile_auto(cfg.compile, method, amp, env.device, max_steps, raw)
     in_place = compiled and compile_blocks(raw) > 0  # before wrapping: FSDP2 shards the compiled blocks
     wrapped = wrap_model(raw, env)
     forward = torch.compile(wrapped) if compiled and not in_place else wrapped

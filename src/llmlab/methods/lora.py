@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from llmlab.args import LORA_TARGETS, LoRAConfig
 from llmlab.errors import LLMLabError
+from llmlab.lean import linear_saved_bf16
 from llmlab.methods.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -82,6 +83,7 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as PEFT: B = 0 makes the start exactly W0
         self.dropout = dropout
         self.merged = False
+        self.lean_activations = False  # the A product keeps its input in bf16 for backward (llmlab.lean)
         self._order = sorted(self.slices, key=lambda n: self.slices[n][0])  # targets by first output row
 
     def adapter_params(self) -> list[str]:
@@ -128,7 +130,10 @@ class LoRALinear(nn.Module):
         a_all = torch.cat([self.lora_A[n] for n in names]) if len(names) > 1 else self.lora_A[names[0]]
         if not torch.is_autocast_enabled(x.device.type):  # under autocast the matmul casts; no fp32 copy of x
             xd = xd.to(a_all.dtype)
-        h = F.linear(xd, a_all)  # (..., sum of ranks)
+        if self.lean_activations and xd.dtype == torch.float32 and torch.is_grad_enabled():
+            h = linear_saved_bf16(xd, a_all)
+        else:
+            h = F.linear(xd, a_all)  # (..., sum of ranks)
         b_all = self.joined_B()  # (out, sum of ranks)
         if not torch.is_autocast_enabled(x.device.type):
             h, b_all = h.to(y.dtype), b_all.to(y.dtype)
