@@ -272,7 +272,7 @@ class QuantLinear(nn.Module):
     def keep_int8(self, limit: int) -> None:
         """Multiply training batches (gradients recorded, `DENSE_MIN_ROWS` rows or more) in int8 from now on: the
         weight requantized per output row to codes within +-`limit` (127; 63 where the CPU's int8 GEMM saturates,
-        `hardware.int8_matmul`), 1 byte a weight beside the blocks, inputs and gradients quantized per row on the
+        `hardware.int8_matmul_limit`), 1 byte a weight beside the blocks, inputs and gradients quantized per row on the
         fly (`_Int8Matmul`). An approximation of the weight the layer holds (the loss moves by ~0.2-0.4% on SmolLM2,
         docs/finetune.md), for CPUs whose int8 GEMM is 2-4x their fp32 one; decoding and evaluation keep the kernel."""
         w = self.dequantize(torch.float32)
@@ -496,9 +496,9 @@ def int8_copy_bytes(model: nn.Module) -> int:
 def keep_int8_copies(model: nn.Module, limit: int) -> int:
     """Give the quantized projections of `model` int8 copies for training (`QuantLinear.keep_int8`, codes within
     +-`limit`); returns the bytes added. Left out (INT8_SKIP): the MLP's down projection, whose input (the SwiGLU
-    product) has outlier channels that a per-row int8 scale flattens (measured on SmolLM2: int8 there alone raised
-    the loss by 0.9%, every other projection together by 0.2%), and the LM head, which the fused loss multiplies
-    by its dense weight."""
+    product) a per-row int8 scale serves badly (measured on SmolLM2: int8 there alone raised the loss by 0.9%, every
+    other projection together by 0.2%; SmoothQuant-style per-channel smoothing did not help), and the LM head, which
+    the fused loss multiplies by its dense weight (int8 logits: +0.6%)."""
     added = 0
     for m in _int8_candidates(model):
         m.keep_int8(limit)
