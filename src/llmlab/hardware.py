@@ -1,5 +1,5 @@
-"""What the machine can compute fast: native bf16 on the CPU, the memory free for optional copies, and a key naming
-the CPU for cached measurements.
+"""What the machine can compute fast: native bf16 on the CPU, the memory free for optional copies, the weight range
+its int8 GEMM multiplies exactly and how much faster than fp32, and a key naming the CPU for cached measurements.
 
 Every `auto` precision choice asks `native_bf16` (generation, chat, evaluation and serving today; training
 precision later), and the quantized kernels' measured verdicts are cached under `machine_key`, so a verdict
