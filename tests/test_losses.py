@@ -92,6 +92,24 @@ def test_softmax_rows_keep_a_cpu_block_within_the_cache():
     assert softmax_rows(49152, torch.device("meta")) >= 1 << 30  # other devices: the whole chunk at once
 
 
+@pytest.mark.parametrize("rows", [7, 4096])
+def test_a_frozen_head_stored_in_bf16_is_widened_for_fp32_hidden_states(rows, monkeypatch):
+    """fp32 hidden states with a frozen bf16 head (train.int8_base keeps the head so): the loss and the gradient of
+    the hidden states are the fp32 ones of the bf16 weights widened (no bf16 product), whatever the slice size."""
+    import llmlab.losses as losses
+
+    monkeypatch.setattr(losses, "UPCAST_ROWS", rows)
+    h, w, y = _inputs()
+    narrow = w.detach().to(torch.bfloat16)
+    ref = next_token_loss(h @ narrow.float().t(), y)
+    out = linear_cross_entropy(h, narrow, y, chunk=40)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(_grads(out, h)[0], _grads(ref, h)[0], rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, narrow, y), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_mismatched_labels_are_refused():
     h, w, y = _inputs()
     with pytest.raises(ValueError, match="hidden states for 150 positions but 147 labels"):

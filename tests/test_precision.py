@@ -346,9 +346,18 @@ def test_setup_precision_keeps_int8_copies_under_auto_and_refuses_what_cannot_be
     model, _, amp = _tiny_lora_on_quantized_blocks(dense_base=None, precision="auto", int8_base=None)
     assert amp is None and quantized_module.trains_in_int8(model)
     assert model.model.layers[0].self_attn.qkv_proj.base.dense is None  # no dense copies besides
-    head = model.lm_head
-    assert head.dense is not None and head.dense.dtype == torch.float32  # the fused loss's head, in fp32 too
-    assert torch.equal(head.dense, head.dequantize(torch.float32))
+    head = model.lm_head  # a bf16 copy for the fused loss only: the head's own products keep the kernel
+    assert head.dense is not None and head.dense.dtype == torch.bfloat16 and head.dense_from > 2**40
+    assert torch.equal(head.dense, head.dequantize(torch.bfloat16))
+    assert head.dense_weight(torch.float32, narrower=True) is head.dense
+    x = torch.randn(2, 12, head.in_features)
+    with torch.no_grad():
+        got = head(x)
+        copy, head.dense = head.dense, None
+        assert torch.equal(got, head(x))  # the copy is not what the head's own products use
+        head.dense = copy
+    plain, _, _ = _tiny_lora_on_quantized_blocks(precision="fp32")  # fp32 products asked for: an fp32 copy
+    assert plain.lm_head.dense.dtype == torch.float32 and plain.lm_head.dense_from == 16
     model, _, _ = _tiny_lora_on_quantized_blocks(dense_base=None, precision="fp32", int8_base=None)
     assert not quantized_module.trains_in_int8(model)
     with pytest.raises(LLMLabError, match="dense_base true and --train.int8_base true"):

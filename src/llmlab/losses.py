@@ -55,10 +55,35 @@ def softmax_rows(vocab_size: int, device: torch.device) -> int:
     return max(1, (1 << 21) // (4 * vocab_size)) if device.type == "cpu" else 1 << 62
 
 
+UPCAST_ROWS = 4096  # rows of a narrower head widened to the hidden states' dtype at a time (9 MiB in fp32 at 576)
+
+
+def _times_wt(h: Tensor, w: Tensor) -> Tensor:
+    """h @ w.T in h's dtype; a head stored narrower (bf16 beside fp32 hidden states) is widened a slice of rows at a
+    time, so no full-precision copy of it is ever built."""
+    if w.dtype == h.dtype:
+        return h @ w.t()
+    out = h.new_empty(h.shape[0], w.shape[0])
+    for a in range(0, w.shape[0], UPCAST_ROWS):
+        out[:, a:a + UPCAST_ROWS] = h @ w[a:a + UPCAST_ROWS].to(h.dtype).t()
+    return out
+
+
+def _times_w(g: Tensor, w: Tensor) -> Tensor:
+    """g @ w in g's dtype, a narrower w widened a slice of rows at a time (as `_times_wt`)."""
+    if w.dtype == g.dtype:
+        return g @ w
+    out = None
+    for a in range(0, w.shape[0], UPCAST_ROWS):
+        part, wide = g[:, a:a + UPCAST_ROWS], w[a:a + UPCAST_ROWS].to(g.dtype)
+        out = part @ wide if out is None else out.addmm_(part, wide)
+    return out
+
+
 def _chunk_loss(h: Tensor, w: Tensor, y: Tensor, scale: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Summed cross-entropy of one chunk (h (C, H), labels y (C,)); with `scale` also the gradient of the summed
     loss times `scale` with respect to the chunk's logits, in the compute dtype (written over the logits)."""
-    logits = h @ w.t()  # (C, V) in the compute dtype
+    logits = _times_wt(h, w)  # (C, V) in the compute dtype
     valid = y != IGNORE_INDEX
     target = y.clamp(min=0)[:, None]
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
@@ -95,7 +120,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss, g = _chunk_loss(hc, w, yc, scale)
             total += loss
             if need_h:
-                grad_h[start:start + chunk] = g @ w
+                grad_h[start:start + chunk] = _times_w(g, w)
             if need_w:
                 if w.dtype == torch.float32:
                     grad_w.addmm_(g.t(), hc)
@@ -126,8 +151,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: 
     if torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         h, weight = h.to(dtype), weight.to(dtype)
-    elif h.dtype != weight.dtype:
-        h = h.to(weight.dtype)
+    elif h.dtype != weight.dtype and (weight.requires_grad or weight.element_size() >= h.element_size()):
+        h = h.to(weight.dtype)  # else a frozen head stored narrower: products in h's dtype (_times_wt)
     if not torch.compiler.is_compiling():
         keep = (y != IGNORE_INDEX).nonzero().squeeze(1)  # one host sync; shapes become data-dependent
         if keep.numel() < y.numel():

@@ -398,7 +398,7 @@ class LLaMA(nn.Module):
         if self.fused_loss and type(head) is nn.Linear and head.bias is None:
             return losses.linear_cross_entropy(x, head.weight, labels)
         if self.fused_loss and isinstance(head, QuantLinear) and head.bias is None:  # frozen: dense copy or dequantized
-            return losses.linear_cross_entropy(x, head.dense_weight(compute_dtype(x)), labels)
+            return losses.linear_cross_entropy(x, head.dense_weight(compute_dtype(x), narrower=True), labels)
         return losses.next_token_loss(head(x), labels)
 
     def attention_inputs(self, x: Tensor, input_pos: Tensor | None = None, position_ids: Tensor | None = None,

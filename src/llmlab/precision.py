@@ -42,8 +42,10 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
     keeps a dense copy in the compute dtype (`QuantLinear.keep_dense`: 57 MB in bf16, 113 MB in fp32 for SmolLM2's
     tied 49152 x 576 head): the fused loss multiplies by the whole head every step, and dequantizing it each time
     cost ~7% of a LoRA step, while the loss held a dequantized copy during the step anyway (so the peak memory
-    hardly moves). The quantized blocks keep dense copies in the autocast dtype where `dense_base_auto` says so
-    (`quantized.keep_training_copies`), or int8 copies where `int8_base_auto` does (`quantized.keep_int8_copies`).
+    hardly moves); int8 training keeps it in bf16, widened a slice at a time by the loss (56 MB less, where fp32
+    activations are what fills the memory). The quantized blocks keep dense copies in the autocast dtype where
+    `dense_base_auto` says so (`quantized.keep_training_copies`), or int8 copies where `int8_base_auto` does
+    (`quantized.keep_int8_copies`).
     """
     if precision == "bf16-true":
         model.to(torch.bfloat16)
@@ -63,7 +65,10 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
     dense = not int8 and dense_base_auto(dense_base, model, amp, device)
     head = getattr(model, "lm_head", None)
     if isinstance(head, QuantLinear) and getattr(model, "fused_loss", False) and head.dense is None:
-        head.keep_dense(DENSE_MIN_ROWS, amp or torch.float32)  # the fused loss reads the whole head every step
+        if int8:  # a bf16 copy the fused loss widens a slice at a time, never used for the head's own products
+            head.keep_dense(HEAD_COPY_FOR_LOSS_ONLY, torch.bfloat16)
+        else:
+            head.keep_dense(DENSE_MIN_ROWS, amp or torch.float32)  # the fused loss reads the whole head every step
     if int8:
         for module in model.modules():  # an approximate mode already: activations saved in bf16 (llmlab.lean)
             if hasattr(module, "lean_activations"):
@@ -91,6 +96,7 @@ def setup_precision(model: nn.Module, method: Method, precision: str, device: to
     return amp
 
 
+HEAD_COPY_FOR_LOSS_ONLY = 1 << 62  # keep_dense's from_rows for a copy no product of the layer itself uses
 DENSE_BASE_AUTO_SHARE = 4  # train.dense_base auto: the copies may take up to 1/4 of the memory available
 
 

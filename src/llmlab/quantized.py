@@ -280,10 +280,12 @@ class QuantLinear(nn.Module):
         self.int8_weight = torch.round(w / scale[:, None]).clamp(-limit, limit).to(torch.int8)
         self.int8_scale = scale
 
-    def dense_weight(self, dtype: torch.dtype) -> Tensor:
+    def dense_weight(self, dtype: torch.dtype, narrower: bool = False) -> Tensor:
         """The whole weight in `dtype`: the dense copy when the layer keeps one in that dtype (`keep_dense`), else
-        dequantized now (a frozen head under the fused loss, every training step)."""
-        if self.dense is not None and self.dense.dtype == dtype:
+        dequantized now (a frozen head under the fused loss, every training step). `narrower`: a copy in a narrower
+        float dtype is returned as it is (the fused loss widens it a slice of rows at a time)."""
+        if self.dense is not None and (self.dense.dtype == dtype
+                                       or narrower and self.dense.element_size() < dtype.itemsize):
             return self.dense
         return self.dequantize(dtype)
 
