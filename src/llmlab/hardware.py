@@ -148,7 +148,7 @@ def int8_matmul_speedup() -> float:
     """How many times faster this CPU's int8 GEMM (`torch._int_mm`) is than its fp32 GEMM on a training-sized product
     (256 x 576 x 1536, best of 5, ~0.1 s once per process); 0 where there is no exact int8 GEMM. int8 dot products
     (vpmaddubsw on AVX2, VNNI) run at 2-4x the fp32 rate; a CPU or torch build without a fast path does not."""
-    import time
+    from llmlab.quant_kernels import _best_ms
 
     limit = int8_matmul_limit()
     if limit is None:
@@ -157,14 +157,5 @@ def int8_matmul_speedup() -> float:
     x, w = torch.randn(256, 576, generator=gen), torch.randn(1536, 576, generator=gen)
     xq = torch.randint(-127, 128, (256, 576), generator=gen, dtype=torch.int8)
     wq = torch.randint(-limit, limit + 1, (1536, 576), generator=gen, dtype=torch.int8)
-
-    def best(f) -> float:
-        f()
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            f()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    return best(lambda: x @ w.t()) / best(lambda: torch._int_mm(xq, wq.t()))
+    ms = _best_ms({"fp32": lambda: x @ w.t(), "int8": lambda: torch._int_mm(xq, wq.t())}, torch.device("cpu"), 5)
+    return ms["fp32"] / ms["int8"]

@@ -275,10 +275,8 @@ class QuantLinear(nn.Module):
         `hardware.int8_matmul_limit`), 1 byte a weight beside the blocks, inputs and gradients quantized per row on the
         fly (`_Int8Matmul`). An approximation of the weight the layer holds (the loss moves by ~0.2-0.4% on SmolLM2,
         docs/finetune.md), for CPUs whose int8 GEMM is 2-4x their fp32 one; decoding and evaluation keep the kernel."""
-        w = self.dequantize(torch.float32)
-        scale = w.abs().amax(dim=1).clamp(min=1e-30) / limit
-        self.int8_weight = torch.round(w / scale[:, None]).clamp(-limit, limit).to(torch.int8)
-        self.int8_scale = scale
+        g = quantize_int8(self.dequantize(torch.float32), None, limit)  # one group a row
+        self.int8_weight, self.int8_scale = g.q, g.scale.squeeze(1)
 
     def dense_weight(self, dtype: torch.dtype, narrower: bool = False) -> Tensor:
         """The whole weight in `dtype`: the dense copy when the layer keeps one in that dtype (`keep_dense`), else
@@ -373,16 +371,17 @@ def quantize_int4(w: Tensor, group: int = 32) -> Groups:
     return Groups(q, scale, lo, group, 4, 0)
 
 
-def quantize_int8(w: Tensor, group: int | None = None) -> Groups:
-    """Symmetric 8-bit groups: scale = max |w| / 127 per group of `group` inputs (None: one per row)."""
+def quantize_int8(w: Tensor, group: int | None = None, limit: int = 127) -> Groups:
+    """Symmetric 8-bit groups: scale = max |w| / `limit` per group of `group` inputs (None: one per row), codes within
+    +-`limit` (63 for a CPU whose int8 GEMM saturates beyond, `QuantLinear.keep_int8`)."""
     n, k = w.shape
     group = group or k
     if k % group:
         raise LLMLabError(f"int8 quantization: {k} inputs are not a multiple of the group size {group}")
     wg = w.detach().float().view(n, k // group, group)
-    scale = wg.abs().amax(-1) / 127
+    scale = wg.abs().amax(-1) / limit
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (wg / safe[..., None]).round().clamp(-127, 127).to(torch.int8).view(n, k)
+    q = (wg / safe[..., None]).round().clamp(-limit, limit).to(torch.int8).view(n, k)
     return Groups(q, scale, None, group, 8, -128)
 
 
