@@ -51,3 +51,11 @@ def test_lean_linear_is_exact_forward_and_for_the_input_and_rounds_only_the_weig
     torch.testing.assert_close(xl.grad, upstream @ w)  # exact
     want = upstream.reshape(-1, 5).t() @ x.to(torch.bfloat16).float().reshape(-1, 24)  # x rounded to bf16
     torch.testing.assert_close(wl.grad, want, rtol=1e-5, atol=1e-5)
+
+
+def test_lean_linear_computes_only_the_gradients_asked_for():
+    g = torch.Generator().manual_seed(6)
+    x, w = torch.randn(9, 24, generator=g), torch.randn(5, 24, generator=g, requires_grad=True)
+    linear_saved_bf16(x, w).sum().backward()  # x needs no gradient (a first block's normed embeddings)
+    torch.testing.assert_close(w.grad, torch.ones(9, 5).t() @ x.to(torch.bfloat16).float(), rtol=1e-5, atol=1e-5)
+    assert x.grad is None

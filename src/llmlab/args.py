@@ -45,7 +45,7 @@ class TrainConfig:
         int8_base: Multiply a quantized base (LoRA/adapters on GGUF blocks) in int8 while training: its weights
             requantized per output row (1 byte a weight beside the blocks), inputs and gradients quantized per row,
             one int8 GEMM each way; the MLP's down projection and the head stay on the float path, and the SwiGLU
-            keeps its input in bf16 for the backward (half the activation memory it saves). An approximation (the
+            and LoRA A inputs are saved in bf16 for the backward (llmlab/lean.py). An approximation (the
             loss moves ~0.3%, docs/finetune.md) for CPUs without native bf16, whose int8 GEMM runs at 2-4x their
             fp32 one. Unset (null, the default) = auto: where precision auto trains in fp32 and the CPU's int8 GEMM
             was measured at least 1.3x faster, if the copies fit in a quarter of the memory available (an explicit

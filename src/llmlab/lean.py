@@ -45,10 +45,11 @@ class _Linear(torch.autograd.Function):
         return F.linear(x, w)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor]:
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         x, w = ctx.saved_tensors
-        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype)
-        return grad @ w, grad_w
+        need_x, need_w = ctx.needs_input_grad
+        grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad.dtype) if need_w else None
+        return grad @ w if need_x else None, grad_w
 
 
 def linear_saved_bf16(x: Tensor, w: Tensor) -> Tensor:
