@@ -24,3 +24,11 @@ def test_entries_pair_each_token_with_its_logprob_and_alternatives():
     assert math.isclose(got[0].logprob, math.log(0.2), rel_tol=1e-5)
     assert [t for t, _ in got[0].top] == [0, 1] and [t for t, _ in got[1].top] == [2, 1]  # most likely first
     assert math.isclose(got[1].top[0][1], math.log(0.6), rel_tol=1e-5)
+
+
+def test_shared_prefix_counts_the_leading_tokens_two_sequences_share():
+    from llmlab.serve.request import shared_prefix
+
+    assert shared_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert shared_prefix([1, 2], [1, 2, 3]) == 2 and shared_prefix([1, 2, 3], [1, 2]) == 2
+    assert shared_prefix([], [1]) == 0 and shared_prefix([5], [6]) == 0

@@ -31,6 +31,7 @@ import torch
 
 from llmlab.generate import sampling_logits
 from llmlab.model import LLaMA
+from llmlab.serve.request import shared_prefix
 from llmlab.speculative import Draft, DraftFeed, accept_drafted, propose
 
 if TYPE_CHECKING:
@@ -72,10 +73,7 @@ class EngineDraft:
             return []
         seq = req.prompt_ids + ids
         if req.id != self.owner:  # another request: keep the prefix it shares with the tokens in the draft's cache
-            n, held = 0, self.held[:min(self.feed.filled, len(seq) - 1)]
-            while n < len(held) and held[n] == seq[n]:
-                n += 1
-            self.feed.rewind(n)
+            self.feed.rewind(shared_prefix(self.held[:min(self.feed.filled, len(seq) - 1)], seq))
         self.owner, self.held = None, []  # until the round ends: a round that raised leaves nothing to build on
         params, rng = req.sampling, req.generator
         drafted, q = propose(self.feed, seq, k, params, rng)

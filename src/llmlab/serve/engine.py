@@ -67,7 +67,7 @@ from llmlab.generate import DecodeStep, LogitsProcessor, TextStream, sample
 from llmlab.model import LLaMA
 from llmlab.quantized import QuantLinear, keep_dense_copies
 from llmlab.serve.draft import EngineDraft
-from llmlab.serve.request import Event, GenerationRequest, QueueFull, TokenLogprob, entries
+from llmlab.serve.request import Event, GenerationRequest, QueueFull, TokenLogprob, entries, shared_prefix
 from llmlab.speculative import Draft
 from llmlab.tokenizer import Tokenizer
 
@@ -385,11 +385,7 @@ class Engine:
         the same adapter into `row`; returns how many prompt tokens need no prefill (chat prompts share their
         template's system part, so most of a short request's prefill is skipped)."""
         ids, kv = self._prefix.get(req.adapter, ((), []))
-        n = 0
-        for a, b in zip(ids, req.prompt_ids[:-1]):  # the last prompt token is always run: its logits are needed
-            if a != b:
-                break
-            n += 1
+        n = shared_prefix(ids, req.prompt_ids[:-1])  # the last prompt token is always run: its logits are needed
         if n:
             self.cache.write_row(row, kv, n)
             self.stats["prefix_tokens"] += n

@@ -82,3 +82,14 @@ class GenerationRequest:
     def usage(self) -> dict[str, int]:
         return {"prompt_tokens": len(self.prompt_ids), "completion_tokens": self.completion_tokens,
                 "total_tokens": len(self.prompt_ids) + self.completion_tokens}
+
+
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two token sequences share: what a cache filled for one can keep for the other (the
+    engine's prompt prefix reuse, the draft's cache across requests)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
